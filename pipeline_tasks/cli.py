@@ -1,0 +1,213 @@
+"""The ``recsys`` command line: run the training DAG, open the UI, and run single stages by hand."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline_tasks.settings import airflow_env, disable_telemetry, load_settings
+
+app = typer.Typer(help="DAG-first recommender platform: run the training DAG, open Airflow, run stages.",
+                  no_args_is_help=True, add_completion=False)
+log = logging.getLogger("recsys")
+
+DAG_ID = "recsys_training"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _airflow(args: list[str], env: dict[str, str], capture: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = [str(Path(sys.executable).parent / "airflow"), *args]
+    log.debug("running %s", " ".join(cmd))
+    return subprocess.run(cmd, env=env, text=True, capture_output=capture, check=False)
+
+
+def ensure_airflow_home(env: dict[str, str]) -> None:
+    """Create / migrate the Airflow metadata DB under AIRFLOW_HOME (SQLite by default); idempotent."""
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    marker = home / ".recsys_db_ready"
+    if marker.exists():
+        return
+    typer.echo(f"Initialising Airflow home {home} (first run only) ...")
+    res = _airflow(["db", "migrate"], env, capture=True)
+    if res.returncode != 0:
+        typer.echo(res.stdout[-4000:] + res.stderr[-4000:], err=True)
+        raise typer.Exit(f"airflow db migrate failed (exit {res.returncode}); see the output above")
+    marker.write_text(datetime.now(UTC).isoformat())
+
+
+def find_run_id(env: dict[str, str], logical_date: str) -> str | None:
+    """The run id Airflow gave the run with this logical date (``airflow dags list-runs``)."""
+    res = _airflow(["dags", "list-runs", DAG_ID, "-o", "json"], env, capture=True)
+    try:
+        runs = json.loads(res.stdout[res.stdout.index("["):]) if res.returncode == 0 else []
+    except ValueError:
+        runs = []
+    target = datetime.fromisoformat(logical_date)
+    for r in runs:
+        if r.get("logical_date") and datetime.fromisoformat(r["logical_date"]) == target:
+            return r["run_id"]
+    return None
+
+
+def _source_option(data: str) -> str:
+    if data in ("synthetic",) or data.startswith("movielens:"):
+        if data.startswith("movielens:"):
+            return "movielens:" + str(Path(data.removeprefix("movielens:")).expanduser().resolve())
+        return data
+    return str(Path(data).expanduser().resolve())
+
+
+def _print_summary(manifest_path: Path) -> None:
+    manifest = json.loads(manifest_path.read_text())
+    typer.echo("\nArtifacts of this run:")
+    typer.echo(f"  run directory : {manifest['run_dir']}")
+    typer.echo(f"  manifest      : {manifest_path}")
+    for task, info in manifest.get("tasks", {}).items():
+        outputs = info.get("outputs") or {}
+        shown = {k: v for k, v in outputs.items() if isinstance(v, str) and ("/" in v)}
+        typer.echo(f"  {task:<14}: {info.get('status')}" + (f" ({info.get('error')})" if info.get("error") else ""))
+        for key, value in shown.items():
+            typer.echo(f"      {key:<14} {value}")
+    if "data" in manifest:
+        typer.echo(f"  data snapshot : sha256 {manifest['data']['snapshot_sha256']}")
+
+
+@app.command()
+def run(
+    data: Annotated[str, typer.Option(help="synthetic | movielens:PATH | DIR with the contract tables")] = "synthetic",
+    as_of: Annotated[str | None, typer.Option(help="ISO-8601 moment the run looks from (default: contract rule)")]
+    = None,
+    t_val: Annotated[str | None, typer.Option(help="explicit validation boundary (give --t-test too)")] = None,
+    t_test: Annotated[str | None, typer.Option(help="explicit test boundary")] = None,
+    quality_threshold: Annotated[float | None, typer.Option(help="minimum accepted share (default 0.95)")] = None,
+    events: Annotated[int | None, typer.Option(help="synthetic: number of events")] = None,
+    faults: Annotated[str | None, typer.Option(help="synthetic: all | none | a rate such as 0.01")] = None,
+    seed: Annotated[int | None, typer.Option(help="synthetic: seed")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the recsys_training DAG end to end with `airflow dags test` (visible in `recsys ui`)."""
+    from pipeline_tasks.constants import DEFAULT_PARAMS
+    from pipeline_tasks.runs import MANIFEST, run_dir
+
+    _setup_logging(verbose)
+    settings = load_settings()
+    env = airflow_env(settings)
+    os.environ.update({k: env[k] for k in ("RECSYS_HOME", "AIRFLOW_HOME")})
+    ensure_airflow_home(env)
+    conf: dict[str, Any] = {"source": _source_option(data), "as_of": as_of, "t_val": t_val, "t_test": t_test,
+                            "quality_threshold": quality_threshold}
+    synthetic = dict(DEFAULT_PARAMS["synthetic"])
+    if events is not None:
+        synthetic["n_events"] = events
+    if seed is not None:
+        synthetic["seed"] = seed
+    if faults is not None:
+        synthetic["faults"] = faults if faults in ("all", "none") else {"rate": float(faults)}
+    conf["synthetic"] = synthetic
+    conf = {k: v for k, v in conf.items() if v is not None}
+    logical_date = datetime.now(UTC).isoformat()
+    typer.echo(f"Running DAG {DAG_ID} (logical date {logical_date}) on {conf['source']} ...")
+    res = _airflow(["dags", "test", DAG_ID, logical_date, "--conf", json.dumps(conf)], env)
+    run_id = find_run_id(env, logical_date)
+    manifest = run_dir(run_id, settings) / MANIFEST if run_id else None
+    if manifest and manifest.exists():
+        _print_summary(manifest)
+    typer.echo(f"\nRun id        : {run_id}")
+    typer.echo(f"Airflow home  : {env['AIRFLOW_HOME']}")
+    typer.echo("Airflow UI    : `recsys ui`, then open http://localhost:8080 (DAG recsys_training, this run)")
+    if res.returncode != 0:
+        typer.echo(f"\nThe run FAILED (airflow exit {res.returncode}). The failing task's error is above and in "
+                   f"the manifest; fix the cause and run again.", err=True)
+        raise typer.Exit(1)
+    typer.echo("The run succeeded.")
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="API server / UI port")] = 8080) -> None:
+    """Start `airflow standalone` on the same AIRFLOW_HOME that `recsys run` uses (Ctrl-C stops it)."""
+    settings = load_settings()
+    env = airflow_env(settings)
+    env["AIRFLOW__API__PORT"] = str(port)
+    ensure_airflow_home(env)
+    typer.echo(f"Airflow UI at http://localhost:{port} (AIRFLOW_HOME={env['AIRFLOW_HOME']}); Ctrl-C to stop.")
+    raise typer.Exit(_airflow(["standalone"], env).returncode)
+
+
+@app.command("env")
+def env_cmd() -> None:
+    """Print the environment as `export` lines, to run `airflow ...` yourself: eval "$(recsys env)"."""
+    env = airflow_env(load_settings())
+    keys = sorted(k for k in env if k.startswith(("AIRFLOW", "RECSYS")) or k == "PATH")
+    for key in keys:
+        typer.echo(f"export {key}={json.dumps(env[key])}")
+
+
+@app.command()
+def generate(
+    out_dir: Annotated[Path, typer.Argument(help="directory to write interactions/items/users.parquet to")],
+    users: int = 1000, items: int = 2000, days: int = 60, events: int = 100_000,
+    faults: Annotated[str, typer.Option(help="all | none | a rate such as 0.01")] = "none",
+    seed: int = 42,
+) -> None:
+    """Write a synthetic contract directory (a valid `--data DIR` source)."""
+    from pipeline_tasks.ingest import ingest
+
+    _setup_logging(False)
+    disable_telemetry()
+    spec: dict[str, Any] = {"n_users": users, "n_items": items, "n_days": days, "n_events": events, "seed": seed,
+                            "faults": faults if faults in ("all", "none") else {"rate": float(faults)}}
+    out = ingest("synthetic", out_dir, synthetic=spec)
+    typer.echo(json.dumps(out["counts"]))
+
+
+@app.command()
+def validate(
+    input_dir: Annotated[Path, typer.Argument(help="a contract directory")],
+    out_dir: Annotated[Path, typer.Argument(help="where accepted/, quarantine/, report.json, data_docs/ go")],
+    as_of: Annotated[str | None, typer.Option(help="ISO-8601 as_of")] = None,
+    quality_threshold: float = 0.95,
+) -> None:
+    """Validate a contract directory with the GX suites (no Airflow); exit 1 if the gate fails."""
+    from pipeline_tasks.validate import DataQualityError, ValidationConfig, to_utc, validate_contract_dir
+
+    _setup_logging(False)
+    disable_telemetry()
+    cfg = ValidationConfig(as_of=to_utc(as_of) if as_of else None, quality_threshold=quality_threshold)
+    try:
+        out = validate_contract_dir(input_dir, out_dir, cfg)
+    except DataQualityError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(json.dumps({k: out[k] for k in ("counts", "quality_rate", "report", "data_docs")}, indent=2))
+
+
+@app.command()
+def split(
+    accepted_dir: Annotated[Path, typer.Argument(help="a contract directory of accepted data")],
+    out_dir: Annotated[Path, typer.Argument(help="where train/validation/test.parquet and split.json go")],
+    t_val: str | None = None,
+    t_test: str | None = None,
+) -> None:
+    """Time-based split of a contract directory (no Airflow)."""
+    from pipeline_tasks.split import SplitConfig, split_contract_dir
+
+    _setup_logging(False)
+    out = split_contract_dir(accepted_dir, out_dir, SplitConfig(t_val=t_val, t_test=t_test))
+    typer.echo(json.dumps({k: out[k] for k in ("t_val", "t_test", "counts")}, indent=2))
+
+
+if __name__ == "__main__":
+    app()

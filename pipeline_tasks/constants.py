@@ -1,0 +1,57 @@
+"""Names defined once: columns, event types, seeds, quarantine reasons, defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SEED = 42
+
+# Canonical interactions columns (DATA_CONTRACT.md).
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+TIMESTAMP = "timestamp"
+EVENT_TYPE = "event_type"
+VALUE = "value"
+DEVICE = "device"
+LOCATION = "location"
+INTERACTION_COLUMNS = [USER_ID, ITEM_ID, TIMESTAMP, EVENT_TYPE, VALUE, DEVICE, LOCATION]
+
+ITEM_COLUMNS = [
+    ITEM_ID, "title", "category", "genres", "created_at", "description", "price", "available", "regions",
+]
+USER_COLUMNS = [USER_ID, "age", "gender", "occupation", "zip", LOCATION]
+
+TABLES = ("interactions", "items", "users")
+REQUIRED_TABLES = ("interactions", "items")
+
+# The funnel, in order; `favorite` stands outside it.
+FUNNEL = ("view", "click", "add_to_cart", "purchase")
+EVENT_TYPES = (*FUNNEL, "favorite")
+
+ID_MAX_LEN = 128
+UNKNOWN_CATEGORY = "unknown"
+
+DEFAULT_HORIZON_DAYS = 730
+DEFAULT_BOT_EVENTS_PER_DAY = 1000
+DEFAULT_SPIKE_SIGMA = 3.0
+DEFAULT_SPIKE_WINDOW_DAYS = 28
+DEFAULT_QUALITY_THRESHOLD = 0.95
+DEFAULT_SPLIT = (0.8, 0.9)
+
+# Helper columns added before validation so that every rule is a plain GX expectation.
+ROW_ID = "_row_id"
+DUP_RANK = "_dup_rank"
+USER_DAY_EVENTS = "_user_day_events"
+TS_EPOCH = "_ts_epoch"
+
+# The training DAG's params and their defaults (None = take the setting / contract default).
+DEFAULT_PARAMS: dict[str, Any] = {
+    "source": "synthetic",
+    "synthetic": {"n_users": 1000, "n_items": 2000, "n_days": 60, "n_events": 100_000, "faults": {"rate": 0.002}},
+    "as_of": None,
+    "t_val": None,
+    "t_test": None,
+    "quality_threshold": None,
+    "horizon_days": None,
+    "bot_events_per_day": None,
+}

@@ -1,0 +1,69 @@
+"""The ``ingest`` stage: turn a data source into a contract directory (normalised, nothing dropped).
+
+Sources: ``synthetic`` (the seeded generator), ``movielens:PATH`` (100K or 1M format), or a
+directory holding the contract tables as parquet or csv.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline_tasks.contract import ContractError, ContractTables, read_contract_dir, write_contract_dir
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_config(options: dict[str, Any]) -> Any:
+    """A SyntheticConfig from plain options (DAG params / CLI); ``faults`` is "all", "none" or a dict."""
+    from pipeline_tasks.synthetic import FaultConfig, SyntheticConfig
+
+    opts = dict(options)
+    faults = opts.pop("faults", None)
+    if faults in (None, "none", False):
+        fault_cfg = FaultConfig()
+    elif faults in ("all", True):
+        fault_cfg = FaultConfig.all()
+    elif isinstance(faults, dict):
+        fault_cfg = FaultConfig.all(faults.pop("rate")) if "rate" in faults and len(faults) == 1 else FaultConfig(
+            **faults)
+    else:
+        raise ValueError(f"faults must be 'all', 'none' or a dict of FaultConfig fields, got {faults!r}")
+    unknown = set(opts) - set(SyntheticConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown synthetic option(s) {sorted(unknown)}; "
+                         f"known: {sorted(SyntheticConfig.__dataclass_fields__)}")
+    return SyntheticConfig(**opts, faults=fault_cfg)
+
+
+def load_source(source: str, synthetic: dict[str, Any] | None = None) -> ContractTables:
+    """Load ``synthetic`` | ``movielens:PATH`` | a contract directory into contract tables.
+
+    ``synthetic`` takes the generator's settings (SyntheticConfig fields; ``faults`` may be
+    ``"all"``, a dict of FaultConfig fields, or absent).
+    """
+    if source == "synthetic":
+        from pipeline_tasks.synthetic import generate
+
+        return generate(synthetic_config(synthetic or {})).tables
+    if source.startswith("movielens:"):
+        from pipeline_tasks.movielens import load_movielens
+
+        return load_movielens(Path(source.removeprefix("movielens:")).expanduser())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return read_contract_dir(path)
+    raise ContractError(
+        f"unknown data source {source!r}: use 'synthetic', 'movielens:PATH' or a directory with "
+        "interactions.parquet|csv and items.parquet|csv"
+    )
+
+
+def ingest(source: str, out_dir: str | Path, synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the source's tables as a contract directory under ``out_dir``; return paths and counts."""
+    tables = load_source(source, synthetic)
+    paths = write_contract_dir(tables, Path(out_dir))
+    counts = tables.counts()
+    log.info("ingested %s: %s rows -> %s", source, counts, out_dir)
+    return {"contract_dir": str(out_dir), "tables": paths, "counts": counts, "source": source}

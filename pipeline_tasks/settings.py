@@ -1,0 +1,111 @@
+"""Typed settings: defaults in code, overrides from the environment (``RECSYS_*``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline_tasks.constants import (
+    DEFAULT_BOT_EVENTS_PER_DAY,
+    DEFAULT_HORIZON_DAYS,
+    DEFAULT_QUALITY_THRESHOLD,
+    EVENT_TYPES,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things live and which profile runs.
+
+    ``home`` holds long-lived state (Airflow home, Feast store, MLflow store);
+    ``artifact_root`` holds one directory per DAG run.
+    """
+
+    home: Path
+    artifact_root: Path
+    profile: str = "embedded"
+    spark_master: str = "local[*]"
+    event_types: tuple[str, ...] = EVENT_TYPES
+    horizon_days: int = DEFAULT_HORIZON_DAYS
+    bot_events_per_day: int = DEFAULT_BOT_EVENTS_PER_DAY
+    quality_threshold: float = DEFAULT_QUALITY_THRESHOLD
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Build settings from the environment (nothing is read at import time)."""
+    env = dict(os.environ if env is None else env)
+    home = Path(env.get("RECSYS_HOME", Path.home() / ".recsys")).expanduser().resolve()
+    artifact_root = Path(env.get("RECSYS_ARTIFACT_ROOT", home / "runs")).expanduser().resolve()
+    event_types = tuple(
+        e.strip() for e in env.get("RECSYS_EVENT_TYPES", ",".join(EVENT_TYPES)).split(",") if e.strip()
+    )
+    return Settings(
+        home=home,
+        artifact_root=artifact_root,
+        profile=env.get("RECSYS_PROFILE", "embedded"),
+        spark_master=env.get("RECSYS_SPARK_MASTER", "local[*]"),
+        event_types=event_types,
+        horizon_days=int(env.get("RECSYS_HORIZON_DAYS", DEFAULT_HORIZON_DAYS)),
+        bot_events_per_day=int(env.get("RECSYS_BOT_EVENTS_PER_DAY", DEFAULT_BOT_EVENTS_PER_DAY)),
+        quality_threshold=float(env.get("RECSYS_QUALITY_THRESHOLD", DEFAULT_QUALITY_THRESHOLD)),
+    )
+
+
+# Usage telemetry of the bundled tools is off: the product runs offline.
+OFFLINE_ENV = {
+    "GX_ANALYTICS_ENABLED": "False",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "BENTOML_DO_NOT_TRACK": "True",
+    "FEAST_USAGE": "False",
+    "EVIDENTLY_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "SCARF_ANALYTICS": "false",
+    "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
+
+
+def disable_telemetry(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Set the telemetry opt-outs in ``env`` (default: this process) unless the user set them."""
+    target = os.environ if env is None else env
+    for key, value in OFFLINE_ENV.items():
+        target.setdefault(key, value)
+    return dict(target)
+
+
+def project_root() -> Path:
+    """The repository root (``dags/``, ``expectations/``, ``feature_repo/`` live there)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def airflow_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Airflow commands: the same AIRFLOW_HOME for ``recsys run`` and ``airflow
+    standalone``; the embedded SQLite default unless the user configured another database."""
+    import sys
+
+    env = dict(os.environ if base is None else base)
+    disable_telemetry(env)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("RECSYS_HOME", str(settings.home))
+    env["AIRFLOW_HOME"] = env.get("AIRFLOW_HOME") or str(settings.airflow_home)
+    defaults = {
+        "AIRFLOW__CORE__DAGS_FOLDER": str(project_root() / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        # One laptop, no login: every local user is admin (embedded profile only).
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True" if settings.profile == "embedded" else "False",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    }
+    for key, value in defaults.items():
+        env.setdefault(key, value)
+    return env
