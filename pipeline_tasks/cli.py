@@ -48,13 +48,21 @@ def ensure_airflow_home(env: dict[str, str]) -> None:
     marker.write_text(datetime.now(UTC).isoformat())
 
 
+def _json_lines(stdout: str) -> list[dict[str, Any]]:
+    """The JSON list an ``airflow ... -o json`` command printed (log lines may come before it)."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("[") and line.rstrip().endswith("]"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return []
+
+
 def find_run_id(env: dict[str, str], logical_date: str) -> str | None:
     """The run id Airflow gave the run with this logical date (``airflow dags list-runs``)."""
     res = _airflow(["dags", "list-runs", DAG_ID, "-o", "json"], env, capture=True)
-    try:
-        runs = json.loads(res.stdout[res.stdout.index("["):]) if res.returncode == 0 else []
-    except ValueError:
-        runs = []
+    runs = _json_lines(res.stdout) if res.returncode == 0 else []
     target = datetime.fromisoformat(logical_date)
     for r in runs:
         if r.get("logical_date") and datetime.fromisoformat(r["logical_date"]) == target:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RAW_TIMESTAMP = "raw_timestamp"
 RAW_VALUE = "raw_value"
+EPOCH_SECONDS_LIMIT = 9.2e9  # about year 2261, inside pandas' nanosecond timestamp range
 
 
 class ContractError(ValueError):
@@ -47,18 +48,20 @@ class ContractTables:
 
 
 def _ids(s: pd.Series) -> pd.Series:
-    """Ids as Python strings; integral floats lose their `.0`; nulls stay None."""
+    """Ids as Python strings; integral floats lose their `.0`; nulls stay None (vectorised)."""
+    out = pd.Series(None, index=s.index, dtype=object)
+    present = s.notna().to_numpy()
     if pd.api.types.is_float_dtype(s):
-        out = s.map(lambda v: None if pd.isna(v) else (str(int(v)) if float(v).is_integer() else str(v)))
-    else:
-        out = s.map(lambda v: None if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v))
-    return out.astype(object)
+        values = s.to_numpy()
+        integral = present & (np.mod(np.where(present, values, 0), 1) == 0)
+        out[integral] = s[integral].astype("int64").astype(str).to_numpy()
+        out[present & ~integral] = s[present & ~integral].astype(str).to_numpy()
+    elif present.any():
+        out[present] = s[present].astype(str).to_numpy()
+    return out
 
 
-def _strings(s: pd.Series) -> pd.Series:
-    return s.map(lambda v: None if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)).astype(
-        object
-    )
+_strings = _ids  # free-text columns follow the same rule: str values, None for nulls
 
 
 def parse_timestamps(s: pd.Series) -> pd.Series:
@@ -69,12 +72,16 @@ def parse_timestamps(s: pd.Series) -> pd.Series:
     if pd.api.types.is_datetime64_any_dtype(s):
         return s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
     if pd.api.types.is_numeric_dtype(s):
-        return pd.to_datetime(s, unit="s", utc=True, errors="coerce")
+        seconds = s.astype(float)
+        return pd.to_datetime(seconds.where(seconds.abs() < EPOCH_SECONDS_LIMIT), unit="s", utc=True, errors="coerce")
     text = s.astype("string").str.strip()
     numeric = text.str.fullmatch(r"-?\d+(\.\d+)?").fillna(False).astype(bool)
     out = pd.Series(pd.NaT, index=s.index, dtype="datetime64[ns, UTC]")
     if numeric.any():
-        out[numeric] = pd.to_datetime(text[numeric].astype(float), unit="s", utc=True, errors="coerce")
+        seconds = text[numeric].astype(float)
+        # Outside datetime64[ns]'s range pandas raises instead of coercing: such values are unparseable.
+        seconds = seconds.where(seconds.abs() < EPOCH_SECONDS_LIMIT)
+        out[numeric] = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")
     rest = ~numeric & text.notna()
     if rest.any():
         out[rest] = pd.to_datetime(text[rest], utc=True, errors="coerce", format="ISO8601")
@@ -105,8 +112,11 @@ def normalise_interactions(df: pd.DataFrame) -> pd.DataFrame:
 
 def _raw_text(src: pd.DataFrame, col: str, failed: pd.Series, raw_col: str) -> pd.Series:
     """The original text where parsing ``col`` failed (None elsewhere), keeping an existing raw column."""
-    raw = src[col] if col in src else pd.Series([None] * len(src))
-    text = pd.Series(np.where(failed & raw.notna(), raw.astype(str), None), dtype=object)
+    text = pd.Series(None, index=src.index, dtype=object)
+    if col in src:
+        bad = (failed & src[col].notna()).to_numpy()
+        if bad.any():  # only the failed rows are turned into text (a 1M-row column would cost seconds)
+            text[bad] = src.loc[bad, col].astype(str).to_numpy()
     if raw_col in src:
         text = text.where(text.notna(), _strings(src[raw_col]))
     return text

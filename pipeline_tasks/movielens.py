@@ -91,20 +91,27 @@ def _load_100k(path: Path) -> ContractTables:
     return ContractTables(inter, _items(movies, genre_lists, inter), normalise_users(users))
 
 
-def _read_dat(path: Path, names: list[str]) -> pd.DataFrame:
-    # "::"-separated; read as text and split (the python engine with a regex separator is slow).
-    lines = path.read_text(encoding=ENCODING).splitlines()
-    rows = [line.split("::") for line in lines if line.strip()]
-    bad = [i + 1 for i, r in enumerate(rows) if len(r) != len(names)]
+def _read_dat(path: Path, names: list[str], numeric: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read a "::"-separated file; a malformed line raises a ContractError naming its line number."""
+    # Split by hand: pandas' python engine with a regex separator is slow.
+    numbered = [(i + 1, line.split("::")) for i, line in enumerate(path.read_text(encoding=ENCODING).splitlines())
+                if line.strip()]
+    bad = [n for n, fields in numbered if len(fields) != len(names)]
     if bad:
         raise ContractError(f"{path}: line {bad[0]} does not have {len(names)} '::'-separated fields "
                             f"({len(bad)} such lines)")
-    return pd.DataFrame(rows, columns=names)
+    df = pd.DataFrame([fields for _, fields in numbered], columns=names)
+    for col in numeric:
+        parsed = pd.to_numeric(df[col], errors="coerce")
+        if parsed.isna().any():
+            first = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+            raise ContractError(f"{path}: line {numbered[first][0]}: {col} {df[col].iloc[first]!r} is not a number")
+        df[col] = parsed
+    return df
 
 
 def _load_1m(path: Path) -> ContractTables:
-    ratings = _read_dat(path / "ratings.dat", ["user", "movie", "rating", "ts"])
-    ratings["rating"] = ratings["rating"].astype(float)
+    ratings = _read_dat(path / "ratings.dat", ["user", "movie", "rating", "ts"], numeric=("rating", "ts"))
     inter = _interactions(ratings)
     movies = _read_dat(path / "movies.dat", ["movie", "title", "genres"])
     genre_lists = movies["genres"].map(lambda g: [x for x in g.split("|") if x and x != "(no genres listed)"])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,17 +17,20 @@ BENCH = SHARED / "bench"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test session gets its own RECSYS_HOME (Airflow home, runs) and no telemetry."""
-    from pipeline_tasks.settings import disable_telemetry
+def pytest_configure(config: pytest.Config) -> None:
+    """Before anything imports Airflow: an isolated RECSYS_HOME / AIRFLOW_HOME, telemetry off."""
+    from pipeline_tasks.settings import airflow_env, load_settings
 
-    home = tmp_path_factory.mktemp("recsys_home")
+    home = Path(tempfile.mkdtemp(prefix="recsys-test-home-"))
     os.environ["RECSYS_HOME"] = str(home)
-    os.environ.pop("RECSYS_ARTIFACT_ROOT", None)
-    os.environ.pop("AIRFLOW_HOME", None)
-    disable_telemetry()
-    return home
+    for key in ("RECSYS_ARTIFACT_ROOT", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER"):
+        os.environ.pop(key, None)
+    os.environ.update(airflow_env(load_settings()))
+
+
+@pytest.fixture(scope="session")
+def recsys_home() -> Path:
+    return Path(os.environ["RECSYS_HOME"])
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +38,13 @@ def ml100k() -> Path:
     if not (ML100K / "u.data").exists():
         pytest.fail(f"MovieLens 100K not found at {ML100K}: the tests read it from ../shared/data/ml-100k")
     return ML100K
+
+
+@pytest.fixture(scope="session")
+def bench_protocol() -> Any:
+    """The independent implementation of the offline protocol in ../shared/bench/protocol.py."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import protocol
+
+    return protocol

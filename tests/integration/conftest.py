@@ -1,0 +1,45 @@
+"""Integration fixtures: run the real CLI / Airflow in subprocesses against the session's RECSYS_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    output: str
+    run_id: str | None
+    manifest: dict | None
+
+    @property
+    def run_dir(self) -> Path:
+        assert self.manifest, f"no manifest; output tail:\n{self.output[-3000:]}"
+        return Path(self.manifest["run_dir"])
+
+
+def recsys(*args: str, timeout: int = 900) -> CliRun:
+    """Run ``recsys ARGS`` (the installed CLI module) and read back the run's manifest."""
+    res = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", *args], capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ), check=False)
+    output = res.stdout + res.stderr
+    match = re.search(r"^Run id\s+: (\S+)$", res.stdout, flags=re.M)
+    run_id = match.group(1) if match else None
+    manifest = None
+    m = re.search(r"^\s+manifest\s+: (\S+)$", res.stdout, flags=re.M)
+    if m and Path(m.group(1)).exists():
+        manifest = json.loads(Path(m.group(1)).read_text())
+    return CliRun(res.returncode, output, run_id, manifest)
+
+
+@pytest.fixture(scope="session")
+def run_recsys():
+    return recsys

@@ -1,0 +1,115 @@
+"""The recsys_training DAG run for real (`recsys run` -> `airflow dags test`) on synthetic data with
+every fault injected, on a failing quality gate, on MovieLens 100K and on a CSV contract directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline_tasks.cli import _json_lines
+from pipeline_tasks.ingest import synthetic_config
+from pipeline_tasks.synthetic import generate
+
+pytestmark = pytest.mark.integration
+
+FAULT_REASONS = {
+    "null": {"missing_user_id", "missing_item_id", "missing_or_unparseable_timestamp"},
+    "duplicate": {"duplicate"},
+    "future": {"future_timestamp"},
+    "too_old": {"too_old_timestamp"},
+    "unknown_event": {"unknown_event_type"},
+    "bad_id": {"invalid_user_id", "invalid_item_id"},
+    "bot": {"bot"},
+}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_synthetic_with_every_fault(run_recsys):
+    run = run_recsys("run", "--data", "synthetic", "--events", "40000", "--seed", "7",
+                     "--faults", "all", "--quality-threshold", "0.9")
+    assert run.returncode == 0, run.output[-4000:]
+    assert run.manifest["tasks"]["split"]["status"] == "success"
+    report = _read_json(run.run_dir / "validate" / "report.json")
+    t = report["tables"]["interactions"]
+    assert t["input"] == t["accepted"] + t["quarantined"]
+    # Exactly the injected rows are quarantined, each with the reason of its fault class.
+    config = synthetic_config({**run.manifest["config"]["synthetic"], "faults": "all"})
+    data = generate(config)
+    assert len(data.tables.interactions) == t["input"]
+    q = pd.read_parquet(run.run_dir / "validate" / "quarantine" / "interactions.parquet")
+    reasons = dict(zip(q["input_row"], q["reasons"].map(list), strict=True))
+    expected_rows = set()
+    for fault, allowed in FAULT_REASONS.items():
+        rows = data.injected[fault]
+        assert len(rows) > 0, f"generator injected no {fault} rows"
+        for r in rows:
+            assert r in reasons, f"{fault} row {r} was accepted"
+            assert set(reasons[r]) <= allowed and reasons[r], f"{fault} row {r}: {reasons[r]}"
+        expected_rows |= set(map(int, rows))
+    assert set(map(int, reasons)) == expected_rows, "rows quarantined that carry no injected fault"
+    # The spike is reported, not quarantined.
+    spike_day = pd.Timestamp(config.start) + pd.Timedelta(days=int(data.injected["spike_day"][0]))
+    assert spike_day.date().isoformat() in [s["day"] for s in report["spikes"]]
+    split = _read_json(run.run_dir / "split" / "split.json")
+    assert sum(split["counts"].values()) == t["accepted"]
+    assert (run.run_dir / "validate" / "data_docs" / "index.html").exists()
+    assert run.manifest["data"]["snapshot_sha256"] and run.manifest["input_rows"]["interactions"] == t["input"]
+
+
+def test_quality_gate_fails_the_run_without_retry(run_recsys):
+    run = run_recsys("run", "--data", "synthetic", "--events", "20000", "--faults", "0.03")
+    assert run.returncode != 0
+    assert "Data quality gate failed" in run.output
+    assert "Top reasons:" in run.output
+    assert "AirflowFailException" in run.output
+    tasks = run.manifest["tasks"]
+    assert tasks["validate"]["status"] == "failed" and "split" not in tasks
+    # No retry: the validate task ran once and is failed (not up_for_retry).
+    res = subprocess.run([str(Path(sys.executable).parent / "airflow"), "tasks", "states-for-dag-run",
+                          "recsys_training", run.run_id, "-o", "json"], capture_output=True, text=True, check=True)
+    states = {s["task_id"]: s for s in _json_lines(res.stdout)}
+    assert states["validate"]["state"] == "failed"
+    assert states["split"]["state"] == "upstream_failed"
+    # The evidence is there for the user to open.
+    q = pd.read_parquet(run.run_dir / "validate" / "quarantine" / "interactions.parquet")
+    assert len(q) > 0
+
+
+def test_movielens_100k(run_recsys, ml100k, bench_protocol):
+    run = run_recsys("run", "--data", f"movielens:{ml100k}")
+    assert run.returncode == 0, run.output[-4000:]
+    report = _read_json(run.run_dir / "validate" / "report.json")
+    assert report["tables"]["interactions"] == {"input": 100_000, "accepted": 100_000, "quarantined": 0,
+                                                "reasons": {}}
+    split = _read_json(run.run_dir / "split" / "split.json")
+    assert split["counts"] == {"train": 79_999, "validation": 10_001, "test": 10_000}
+    # Same boundaries as the independent implementation, reading the run's accepted contract dir.
+    _, _, _, t_val, t_test = bench_protocol.split(run.run_dir / "validate" / "accepted")
+    assert pd.Timestamp(split["t_val"]) == t_val and pd.Timestamp(split["t_test"]) == t_test
+
+
+def test_csv_contract_directory(run_recsys, tmp_path, ml100k):
+    from pipeline_tasks.movielens import load_movielens
+
+    tables = load_movielens(ml100k)
+    src = tmp_path / "csv_source"
+    src.mkdir()
+    inter = tables.interactions.head(5000).copy()
+    inter["timestamp"] = inter["timestamp"].map(lambda t: t.isoformat())  # ISO-8601 with offset
+    inter.drop(columns=["raw_timestamp", "raw_value"]).to_csv(src / "interactions.csv", index=False)
+    tables.items.to_csv(src / "items.csv", index=False)
+    run = run_recsys("run", "--data", str(src))
+    assert run.returncode == 0, run.output[-4000:]
+    accepted = pd.read_parquet(run.run_dir / "validate" / "accepted" / "interactions.parquet")
+    assert len(accepted) == 5000
+    assert str(accepted["timestamp"].dtype) == "datetime64[ns, UTC]"
+    users = pd.read_parquet(run.run_dir / "validate" / "accepted" / "users.parquet")
+    assert set(users["user_id"]) == set(accepted["user_id"])  # every mentioned user has a row
