@@ -36,6 +36,16 @@ class Settings:
     def airflow_home(self) -> Path:
         return self.home / "airflow"
 
+    @property
+    def feature_store_dir(self) -> Path:
+        """Long-lived Feast state: registry, online store (SQLite), offline feature tables."""
+        return self.home / "feature_store"
+
+    @property
+    def redis_url(self) -> str:
+        """Redis for the production profile's online store (``RECSYS_REDIS_URL``)."""
+        return self.extra.get("redis_url", "127.0.0.1:6379")
+
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Build settings from the environment (nothing is read at import time)."""
@@ -54,6 +64,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         horizon_days=int(env.get("RECSYS_HORIZON_DAYS", DEFAULT_HORIZON_DAYS)),
         bot_events_per_day=int(env.get("RECSYS_BOT_EVENTS_PER_DAY", DEFAULT_BOT_EVENTS_PER_DAY)),
         quality_threshold=float(env.get("RECSYS_QUALITY_THRESHOLD", DEFAULT_QUALITY_THRESHOLD)),
+        extra={"redis_url": env.get("RECSYS_REDIS_URL", "127.0.0.1:6379")},
     )
 
 
