@@ -177,7 +177,11 @@ def generate(
     disable_telemetry()
     spec: dict[str, Any] = {"n_users": users, "n_items": items, "n_days": days, "n_events": events, "seed": seed,
                             "faults": faults if faults in ("all", "none") else {"rate": float(faults)}}
-    out = ingest("synthetic", out_dir, synthetic=spec)
+    try:
+        out = ingest("synthetic", out_dir, synthetic=spec)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     typer.echo(json.dumps(out["counts"]))
 
 

@@ -111,7 +111,7 @@ def airflow_env(settings: Settings, base: dict[str, str] | None = None) -> dict[
     defaults = {
         "AIRFLOW__CORE__DAGS_FOLDER": str(project_root() / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # schedules start when you unpause
         # One laptop, no login: every local user is admin (embedded profile only).
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True" if settings.profile == "embedded" else "False",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",

@@ -182,7 +182,8 @@ def run_suites(
                 name=f"contract_{table}",
                 validation_definitions=[definition],
                 actions=[UpdateDataDocsAction(name="data_docs", site_names=["run"])] if docs_dir else [],
-                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_ID]},
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_ID],
+                               "exclude_unexpected_values": True, "return_unexpected_index_query": False},
             )
         )
         result = checkpoint.run(batch_parameters={"dataframe": frames[table]}, expectation_parameters=parameters)
@@ -202,11 +203,24 @@ def run_suites(
                         "reason": cfg.meta["reason"],
                         "success": bool(r.success),
                         "unexpected_count": int(r.result.get("unexpected_count") or 0),
-                        "row_ids": np.array([int(x[ROW_ID]) for x in failing], dtype=np.int64),
+                        "row_ids": _row_ids(failing),
                     }
                 )
         out[table] = rows
     return out
+
+
+def _row_ids(unexpected_index_list: list[dict[str, Any]]) -> np.ndarray:
+    """Row ids out of GX's ``unexpected_index_list``: one dict per row, or (with
+    ``exclude_unexpected_values``) dicts holding lists of ids."""
+    ids: list[int] = []
+    for entry in unexpected_index_list:
+        value = entry[ROW_ID]
+        if isinstance(value, list | tuple | np.ndarray):
+            ids.extend(int(v) for v in value)
+        else:
+            ids.append(int(value))
+    return np.asarray(ids, dtype=np.int64)
 
 
 def reasons_by_row(results: list[dict[str, Any]], n_rows: int) -> pd.Series:
