@@ -91,6 +91,9 @@ def _print_summary(manifest_path: Path) -> None:
             typer.echo(f"      {key:<14} {value}")
     if "data" in manifest:
         typer.echo(f"  data snapshot : sha256 {manifest['data']['snapshot_sha256']}")
+        c = manifest["data"]["counts"]["interactions"]
+        typer.echo(f"  interactions  : {c['input']:,} input = {c['accepted']:,} accepted + "
+                   f"{c['quarantined']:,} quarantined")
 
 
 @app.command()
