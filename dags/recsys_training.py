@@ -11,9 +11,20 @@ Daily. A run looks at all events up to its `as_of` and writes everything under
   `validate/quarantine/`, `validate/report.json`, `validate/data_docs/index.html` (GX Data Docs).
 - `split`: time-based train / validation / test split (DATA_CONTRACT.md) -> `split/*.parquet`,
   `split/split.json`.
+- `build_features`: PySpark daily user and item feature snapshots (each valid from the end of its
+  UTC day, built only from earlier events) into the long-lived offline store
+  `$RECSYS_HOME/feature_store/offline/` (a run rewrites its own day partitions).
+- `feast_apply`: registers `feature_repo/` (entities, views, services `ranker_v1`, `two_tower_v1`).
+- `materialize`: loads the newest snapshot values into the online store (SQLite, or Redis in production).
+- `training_set`: Feast point-in-time retrieval for every train/validation interaction plus the
+  request-time context features -> `training_set/training_set.parquet`.
+- `drift_check`: Evidently PSI of the newest window vs the training window (event mix, popularity,
+  hour, value, activity, feature rates) -> `drift_check/drift_report.html` and `.json`; PSI above
+  `drift_threshold` warns, or fails the run when `drift_mode` is `fail`.
 
 **Params**: `source`, `synthetic` (generator settings, `faults`), `as_of` (ISO-8601; empty = contract default),
-`t_val`/`t_test` (explicit split boundaries), `quality_threshold`, `horizon_days`, `bot_events_per_day`.
+`t_val`/`t_test` (explicit split boundaries), `quality_threshold`, `horizon_days`, `bot_events_per_day`,
+`drift_mode` (warn | fail), `drift_threshold` (PSI, default 0.2).
 
 **Extending**: write a function in `pipeline_tasks/<stage>.py` that takes `out_dir` and returns a small dict,
 add a one-line stage in `pipeline_tasks/training.py`, and wire a task here that calls it with its upstream
@@ -51,6 +62,10 @@ PARAMS = {
     "horizon_days": Param(None, type=["null", "integer"], minimum=1, description="oldest allowed event age"),
     "bot_events_per_day": Param(None, type=["null", "integer"], minimum=1,
                                 description="events per user per UTC day above which that day is a bot's"),
+    "drift_mode": Param(DEFAULT_PARAMS["drift_mode"], enum=["warn", "fail"],
+                        description="on PSI above drift_threshold: warn in the log, or fail the run"),
+    "drift_threshold": Param(DEFAULT_PARAMS["drift_threshold"], type="number", exclusiveMinimum=0,
+                             description="PSI above which a monitored feature counts as drifted"),
 }
 
 
@@ -88,7 +103,48 @@ def recsys_training() -> None:
 
         return split_stage(run_id, params, validated)
 
-    split(validate(ingest()))
+    @task(doc_md="PySpark daily user/item feature snapshots into the offline store (serialised writers).")
+    def build_features(validated: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.training import build_features_stage
+
+        return build_features_stage(run_id, None, validated)
+
+    @task(doc_md="`feast apply` of feature_repo/: entities, feature views, feature services.")
+    def feast_apply(features: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.training import feast_apply_stage
+
+        return feast_apply_stage(run_id)
+
+    @task(doc_md="Incremental materialization of the newest snapshot into the online store.")
+    def materialize(features: dict, applied: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.training import materialize_stage
+
+        return materialize_stage(run_id, features)
+
+    @task(doc_md="Point-in-time training set (Feast historical retrieval) plus request-time context features.")
+    def training_set(split_out: dict, materialized: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.training import training_set_stage
+
+        return training_set_stage(run_id, split_out)
+
+    @task(doc_md="Evidently PSI drift check of the newest window vs the reference; HTML report + numbers.")
+    def drift_check(validated: dict, split_out: dict, features: dict, materialized: dict,
+                    params: dict | None = None, run_id: str | None = None) -> dict:
+        from pipeline_tasks.drift import DriftError
+        from pipeline_tasks.training import drift_check_stage
+
+        try:
+            return drift_check_stage(run_id, params, validated, split_out, features)
+        except DriftError as exc:  # the data moved: a retry gives the same answer
+            raise AirflowFailException(str(exc)) from exc
+
+    validated = validate(ingest())
+    split_out = split(validated)
+    features = build_features(validated)
+    split_out >> features
+    materialized = materialize(features, feast_apply(features))
+    training_set(split_out, materialized)
+    drift_check(validated, split_out, features, materialized)
 
 
 recsys_training()

@@ -107,6 +107,10 @@ def run(
     events: Annotated[int | None, typer.Option(help="synthetic: number of events")] = None,
     faults: Annotated[str | None, typer.Option(help="synthetic: all | none | a rate such as 0.01")] = None,
     seed: Annotated[int | None, typer.Option(help="synthetic: seed")] = None,
+    mark_success: Annotated[str | None, typer.Option(
+        help="regex of task ids to mark successful without running them (airflow dags test "
+             "--mark-success-pattern), e.g. to iterate on early stages; the UI shows them as success")] = None,
+    drift_mode: Annotated[str | None, typer.Option(help="warn | fail on drift above the threshold")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the recsys_training DAG end to end with `airflow dags test` (visible in `recsys ui`)."""
@@ -119,7 +123,7 @@ def run(
     os.environ.update({k: env[k] for k in ("RECSYS_HOME", "AIRFLOW_HOME")})
     ensure_airflow_home(env)
     conf: dict[str, Any] = {"source": _source_option(data), "as_of": as_of, "t_val": t_val, "t_test": t_test,
-                            "quality_threshold": quality_threshold}
+                            "quality_threshold": quality_threshold, "drift_mode": drift_mode}
     synthetic = dict(DEFAULT_PARAMS["synthetic"])
     if events is not None:
         synthetic["n_events"] = events
@@ -131,7 +135,8 @@ def run(
     conf = {k: v for k, v in conf.items() if v is not None}
     logical_date = datetime.now(UTC).isoformat()
     typer.echo(f"Running DAG {DAG_ID} (logical date {logical_date}) on {conf['source']} ...")
-    res = _airflow(["dags", "test", DAG_ID, logical_date, "--conf", json.dumps(conf)], env)
+    extra = ["--mark-success-pattern", mark_success] if mark_success else []
+    res = _airflow(["dags", "test", DAG_ID, logical_date, "--conf", json.dumps(conf), *extra], env)
     run_id = find_run_id(env, logical_date)
     manifest = run_dir(run_id, settings) / MANIFEST if run_id else None
     if manifest and manifest.exists():

@@ -54,4 +54,6 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "quality_threshold": None,
     "horizon_days": None,
     "bot_events_per_day": None,
+    "drift_mode": "warn",
+    "drift_threshold": 0.2,
 }

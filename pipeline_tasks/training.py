@@ -7,10 +7,14 @@ small dict of URIs and figures (the XCom). No Airflow import: tests and the CLI 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipeline_tasks.constants import DEFAULT_PARAMS
-from pipeline_tasks.runs import run_dir, run_stage, snapshot_hash, start_run, update_manifest
+from pipeline_tasks.runs import run_dir, run_stage, safe_run_id, snapshot_hash, start_run, update_manifest
 from pipeline_tasks.settings import load_settings
 from pipeline_tasks.split import SplitConfig
 from pipeline_tasks.validate import ValidationConfig, to_utc
@@ -72,3 +76,118 @@ def split_stage(run_id: str, params: dict[str, Any] | None, validated: dict[str,
 
     return run_stage(run_id, "split", split_contract_dir, accepted_dir=validated["accepted_dir"],
                      config=split_config(params))
+
+
+def _snapshot_day_before(ts: str) -> str:
+    """The snapshot valid at ``ts``: the one of the UTC day before (rows are stamped at the day's end)."""
+    return (to_utc(ts).floor("D") - pd.Timedelta(days=1)).date().isoformat()
+
+
+def build_features_stage(run_id: str, params: dict[str, Any] | None, validated: dict[str, Any]) -> dict[str, Any]:
+    """Spark daily feature snapshots of the accepted data into the long-lived offline store."""
+
+    def work(out_dir: Path) -> dict[str, Any]:
+        from pipeline_tasks.feature_store import feature_store_lock, offline_table_dir
+        from pipeline_tasks.features import build_features
+        from pipeline_tasks.spark import get_spark
+
+        settings = load_settings()
+        offline = offline_table_dir("user_features", settings).parent
+        with feature_store_lock(settings):  # one writer at a time (training DAG, item refresh)
+            spark = get_spark(settings, app_name=f"recsys-build-features-{safe_run_id(run_id)}")
+            try:
+                result = build_features(spark, validated["accepted_dir"], offline)
+            finally:
+                spark.stop()
+        (out_dir / "features.json").write_text(json.dumps(result, indent=2))
+        return {**result, "summary": str(out_dir / "features.json")}
+
+    return run_stage(run_id, "build_features", work)
+
+
+def feast_apply_stage(run_id: str) -> dict[str, Any]:
+    """Register the feature repo's entities, views and services (idempotent)."""
+    from pipeline_tasks.feature_store import apply_repo
+
+    return run_stage(run_id, "feast_apply", lambda out_dir: apply_repo())
+
+
+def materialize_stage(run_id: str, features: dict[str, Any]) -> dict[str, Any]:
+    """Load the newest snapshot values into the online store (incremental)."""
+    from pipeline_tasks.feature_store import materialize
+
+    return run_stage(run_id, "materialize", lambda out_dir: materialize(features["last_day"]))
+
+
+def training_entity_rows(split: dict[str, Any]) -> pd.DataFrame:
+    """Label-time rows for the ranker's training data: every train and validation interaction."""
+    frames = []
+    for window in ("train", "validation"):
+        df = pd.read_parquet(split[window])
+        frames.append(df.assign(window=window))
+    rows = pd.concat(frames, ignore_index=True)
+    return rows.rename(columns={"timestamp": "event_timestamp"})
+
+
+def training_set_stage(run_id: str, split: dict[str, Any]) -> dict[str, Any]:
+    """Point-in-time features (Feast historical retrieval, service ranker_v1) plus the request-time
+    context features, one row per requested row in order."""
+
+    def work(out_dir: Path) -> dict[str, Any]:
+        from pipeline_tasks.context_features import context_features
+        from pipeline_tasks.feature_store import training_set_stage as retrieve
+
+        rows = training_entity_rows(split)
+        out = retrieve(rows, out_dir, feature_service="ranker_v1")
+        path = Path(out["training_set"])
+        df = pd.read_parquet(path)
+        requests = df[["event_timestamp", "device", "location"]].rename(
+            columns={"event_timestamp": "request_timestamp"})
+        # The rows' event_timestamp is the label time here, not the snapshot's: leave it out so the
+        # function takes the snapshot valid at the request (its UTC midnight), as serving does.
+        rows_only = df.drop(columns=["event_timestamp"])
+        context = context_features(requests, rows_only, rows_only)
+        pd.concat([df, context], axis=1).to_parquet(path, index=False)
+        return {**out, "context_columns": list(context.columns)}
+
+    return run_stage(run_id, "training_set", work)
+
+
+# Rates and shares, not running totals: totals grow by construction and would always "drift".
+DRIFT_FEATURE_COLUMNS = {
+    "user_features": ["user_ctr", "user_conversion_rate", "user_top1_share", "user_mean_session_events"],
+    "item_features": ["item_ctr", "item_conversion_rate", "item_trending_score"],
+}
+
+
+def _feature_rows_on(day: str) -> pd.DataFrame:
+    from pipeline_tasks.feature_store import offline_table_dir
+
+    parts = []
+    for table, columns in DRIFT_FEATURE_COLUMNS.items():
+        part = offline_table_dir(table) / f"snapshot_date={day}"
+        if part.exists():
+            parts.append(pd.read_parquet(part, columns=columns))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def drift_check_stage(run_id: str, params: dict[str, Any] | None, validated: dict[str, Any],
+                      split: dict[str, Any], features: dict[str, Any]) -> dict[str, Any]:
+    """Evidently PSI drift of the newest window (test) vs the reference (the training window)."""
+    from pipeline_tasks.drift import DriftConfig, drift_check_split
+
+    p = resolve_params(params)
+
+    def work(out_dir: Path) -> dict[str, Any]:
+        ref = _feature_rows_on(_snapshot_day_before(split["t_val"]))
+        cur = _feature_rows_on(features["last_day"])
+        extra = {}
+        if len(ref) and len(cur):
+            extra = {"extra_reference_path": out_dir / "reference_features.parquet",
+                     "extra_current_path": out_dir / "current_features.parquet"}
+            ref.to_parquet(extra["extra_reference_path"], index=False)
+            cur.to_parquet(extra["extra_current_path"], index=False)
+        config = DriftConfig(threshold=float(p["drift_threshold"]), mode=p["drift_mode"])
+        return drift_check_split(Path(split["split_info"]).parent, validated["accepted_dir"], out_dir, config, **extra)
+
+    return run_stage(run_id, "drift_check", work)

@@ -39,13 +39,23 @@ def test_no_cycles_and_training_graph(dagbag):
     dag = dagbag.dags["recsys_training"]
     order = [t.task_id for t in dag.topological_sort()]  # raises on a cycle
     assert order[:3] == ["ingest", "validate", "split"]
-    assert dag.get_task("validate").upstream_task_ids == {"ingest"}
-    assert dag.get_task("split").upstream_task_ids == {"validate"}
+    upstream = {t.task_id: t.upstream_task_ids for t in dag.tasks}
+    assert upstream == {
+        "ingest": set(),
+        "validate": {"ingest"},
+        "split": {"validate"},
+        "build_features": {"validate", "split"},
+        "feast_apply": {"build_features"},
+        "materialize": {"build_features", "feast_apply"},
+        "training_set": {"split", "materialize"},
+        "drift_check": {"validate", "split", "build_features", "materialize"},
+    }
 
 
 def test_params_have_descriptions(dagbag):
     params = dagbag.dags["recsys_training"].params
-    for key in ("source", "synthetic", "as_of", "t_val", "t_test", "quality_threshold"):
+    for key in ("source", "synthetic", "as_of", "t_val", "t_test", "quality_threshold", "drift_mode",
+                "drift_threshold"):
         assert key in params, key
         assert params.get_param(key).description, f"param {key} needs a description"
 

@@ -43,3 +43,15 @@ def recsys(*args: str, timeout: int = 900) -> CliRun:
 @pytest.fixture(scope="session")
 def run_recsys():
     return recsys
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local[*] SparkSession shared by every Spark test (a JVM holds a single SparkContext)."""
+    from pipeline_tasks.spark import get_spark
+
+    # Test jobs are small and short: the JVM's quick (C1) JIT beats waiting for its optimising one.
+    fast_jvm = {"spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1 -Duser.timezone=UTC"}
+    session = get_spark(master="local[*]", app_name="recsys-tests", conf=fast_jvm)
+    yield session
+    session.stop()

@@ -30,7 +30,8 @@ def _get(url: str) -> httpx.Response | None:
 
 
 def test_ui_shows_the_dag_and_its_runs(run_recsys):
-    run = run_recsys("run", "--data", "synthetic", "--events", "5000", "--faults", "none")
+    run = run_recsys("run", "--data", "synthetic", "--events", "5000", "--faults", "none", "--mark-success",
+                     "build_features|feast_apply|materialize|training_set|drift_check")
     assert run.returncode == 0, run.output[-3000:]
     port = _free_port()
     env = {**os.environ, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),

@@ -17,6 +17,9 @@ from pipeline_tasks.synthetic import generate
 
 pytestmark = pytest.mark.integration
 
+# These tests are about ingest/validate/split; test_movielens_100k runs every task.
+LATER_TASKS = ["--mark-success", "build_features|feast_apply|materialize|training_set|drift_check"]
+
 FAULT_REASONS = {
     "null": {"missing_user_id", "missing_item_id", "missing_or_unparseable_timestamp"},
     "duplicate": {"duplicate"},
@@ -34,7 +37,7 @@ def _read_json(path: Path) -> dict:
 
 def test_synthetic_with_every_fault(run_recsys):
     run = run_recsys("run", "--data", "synthetic", "--events", "40000", "--seed", "7",
-                     "--faults", "all", "--quality-threshold", "0.9")
+                     "--faults", "all", "--quality-threshold", "0.9", *LATER_TASKS)
     assert run.returncode == 0, run.output[-4000:]
     assert run.manifest["tasks"]["split"]["status"] == "success"
     report = _read_json(run.run_dir / "validate" / "report.json")
@@ -65,7 +68,7 @@ def test_synthetic_with_every_fault(run_recsys):
 
 
 def test_quality_gate_fails_the_run_without_retry(run_recsys):
-    run = run_recsys("run", "--data", "synthetic", "--events", "20000", "--faults", "0.03")
+    run = run_recsys("run", "--data", "synthetic", "--events", "20000", "--faults", "0.03", *LATER_TASKS)
     assert run.returncode != 0
     assert "Data quality gate failed" in run.output
     assert "Top reasons:" in run.output
@@ -94,6 +97,21 @@ def test_movielens_100k(run_recsys, ml100k, bench_protocol):
     # Same boundaries as the independent implementation, reading the run's accepted contract dir.
     _, _, _, t_val, t_test = bench_protocol.split(run.run_dir / "validate" / "accepted")
     assert pd.Timestamp(split["t_val"]) == t_val and pd.Timestamp(split["t_test"]) == t_test
+    # Every task ran: features, Feast, the training set and the drift check.
+    assert {t: i["status"] for t, i in run.manifest["tasks"].items()} == {
+        t: "success" for t in ("ingest", "validate", "split", "build_features", "feast_apply", "materialize",
+                               "training_set", "drift_check")}
+    ts = pd.read_parquet(run.manifest["tasks"]["training_set"]["outputs"]["training_set"])
+    requested = pd.concat([pd.read_parquet(run.run_dir / "split" / f"{w}.parquet") for w in ("train", "validation")])
+    assert len(ts) == 90_000  # one row per requested row, in order
+    assert ts["user_id"].tolist() == requested["user_id"].tolist()
+    assert ts["item_id"].tolist() == requested["item_id"].tolist()
+    assert {"user_total_interactions", "item_popularity", "hour_sin", "user_category_share"} <= set(ts.columns)
+    # Users rate most of their films on their first day: no snapshot is valid yet then (point in time).
+    assert 0.1 < ts["user_total_interactions"].notna().mean() < 0.9
+    drift = _read_json(run.run_dir / "drift_check" / "drift_report.json")
+    assert drift["threshold"] == 0.2 and "event_type" in drift["features"]
+    assert (run.run_dir / "drift_check" / "drift_report.html").stat().st_size > 100_000
 
 
 def test_csv_contract_directory(run_recsys, tmp_path, ml100k):
@@ -106,7 +124,7 @@ def test_csv_contract_directory(run_recsys, tmp_path, ml100k):
     inter["timestamp"] = inter["timestamp"].map(lambda t: t.isoformat())  # ISO-8601 with offset
     inter.drop(columns=["raw_timestamp", "raw_value"]).to_csv(src / "interactions.csv", index=False)
     tables.items.to_csv(src / "items.csv", index=False)
-    run = run_recsys("run", "--data", str(src))
+    run = run_recsys("run", "--data", str(src), *LATER_TASKS)
     assert run.returncode == 0, run.output[-4000:]
     accepted = pd.read_parquet(run.run_dir / "validate" / "accepted" / "interactions.parquet")
     assert len(accepted) == 5000

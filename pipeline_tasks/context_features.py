@@ -1,0 +1,124 @@
+"""Request-time context features: one pure function shared by training-set assembly and serving.
+
+The feature tables (``pipeline_tasks.features``) describe a user or an item as of the end of a
+day; this module adds what only the request knows (its time, device and location) and the
+user x item cross features, from the same rows in both places, so training and serving cannot
+drift apart. pandas/numpy only: no Spark, no Feast.
+
+Output columns (:data:`CONTEXT_FEATURE_COLUMNS`, all float64, one row per request, the requests'
+index):
+
+- ``hour_sin``, ``hour_cos``: the UTC time of day on a circle (24 h period, minutes included),
+  so 23:59 and 00:01 are neighbours. NaN when the request time is unknown.
+- ``weekday_sin``, ``weekday_cos``: the UTC day of the week on a circle (Monday = 0, 7-day period).
+- ``device_mobile``, ``device_desktop``, ``device_tablet``, ``device_other``: one-hot of the
+  device, trimmed and lower-cased; anything else, empty or null is ``other`` (exactly one is 1).
+- ``location_known``: 1 when the request has a non-empty location, else 0.
+- ``user_category_share``: the user's share of interactions in the item's category, from
+  ``user_top{1,2,3}_category`` / ``_share``; 0 when the category is not among them or unknown.
+- ``item_age_days_at_request``: ``item_age_days`` moved forward from its row's
+  ``event_timestamp`` to the request time (never negative); NaN when the item row is missing.
+- ``user_days_since_last_event_at_request``: the same for ``user_days_since_last_event``.
+
+A row's ``event_timestamp`` is used when the row carries one (Feast can return it); without it
+the row is taken to be the daily snapshot valid at the request, i.e. the one whose
+``event_timestamp`` is the request's UTC midnight.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+REQUEST_TIMESTAMP = "request_timestamp"
+DEVICES = ("mobile", "desktop", "tablet")  # anything else is "other"
+TOP_CATEGORIES = 3
+SECONDS_PER_DAY = 86_400.0
+HOURS_PER_DAY = 24.0
+DAYS_PER_WEEK = 7.0
+
+CONTEXT_FEATURE_COLUMNS = [
+    "hour_sin", "hour_cos", "weekday_sin", "weekday_cos",
+    *(f"device_{d}" for d in DEVICES), "device_other",
+    "location_known", "user_category_share",
+    "item_age_days_at_request", "user_days_since_last_event_at_request",
+]
+
+
+def _column(df: pd.DataFrame, name: str, n: int) -> pd.Series:
+    """``df[name]`` by position (RangeIndex), or an all-null column when ``df`` lacks it."""
+    if name in df.columns:
+        return df[name].reset_index(drop=True)
+    return pd.Series([None] * n, dtype=object)
+
+
+def _utc(values: pd.Series) -> pd.Series:
+    """Timestamps as UTC (naive = UTC); unparseable or null values become NaT."""
+    return pd.to_datetime(values, utc=True, errors="coerce")
+
+
+def _text(values: pd.Series) -> pd.Series:
+    """Strings trimmed and lower-cased; nulls stay null."""
+    return values.astype("string").str.strip().str.lower()
+
+
+def _age_at_request(age_days: pd.Series, row_ts: pd.Series, request_ts: pd.Series) -> np.ndarray:
+    """A day count of a snapshot row moved forward to the request time (clipped at 0)."""
+    row_ts = _utc(row_ts).fillna(request_ts.dt.floor("D"))
+    elapsed = (request_ts - row_ts).dt.total_seconds().to_numpy(dtype=float) / SECONDS_PER_DAY
+    age = pd.to_numeric(age_days, errors="coerce").to_numpy(dtype=float)
+    return np.clip(age + elapsed, 0.0, None)
+
+
+def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows: pd.DataFrame) -> pd.DataFrame:
+    """Context and cross features of (request, user row, item row) triples.
+
+    Args:
+        requests: ``request_timestamp`` (UTC or naive UTC), ``device``, ``location`` (optional).
+        user_rows: the ``user_features`` row of each request's user, aligned by position (same
+            length); columns may be missing or null (an unknown user).
+        item_rows: the ``item_features`` row of each request's item, aligned the same way.
+
+    Returns:
+        :data:`CONTEXT_FEATURE_COLUMNS` as float64, indexed like ``requests``.
+
+    Raises:
+        ValueError: the three frames do not have the same length.
+    """
+    n = len(requests)
+    if len(user_rows) != n or len(item_rows) != n:
+        raise ValueError(f"context_features: requests, user_rows and item_rows must be aligned; got lengths "
+                         f"{n}, {len(user_rows)}, {len(item_rows)}")
+    out = pd.DataFrame(index=requests.index)
+    ts = _utc(_column(requests, REQUEST_TIMESTAMP, n))
+
+    seconds = (ts - ts.dt.floor("D")).dt.total_seconds().to_numpy(dtype=float)
+    hour_angle = 2 * np.pi * seconds / SECONDS_PER_DAY
+    weekday_angle = 2 * np.pi * ts.dt.weekday.to_numpy(dtype=float, na_value=np.nan) / DAYS_PER_WEEK
+    out["hour_sin"], out["hour_cos"] = np.sin(hour_angle), np.cos(hour_angle)
+    out["weekday_sin"], out["weekday_cos"] = np.sin(weekday_angle), np.cos(weekday_angle)
+
+    device = _text(_column(requests, "device", n))
+    known_device = np.zeros(n, dtype=bool)
+    for name in DEVICES:
+        hit = (device == name).fillna(False).to_numpy(dtype=bool)
+        out[f"device_{name}"] = hit.astype(float)
+        known_device |= hit
+    out["device_other"] = (~known_device).astype(float)
+
+    location = _column(requests, "location", n).astype("string").str.strip()
+    out["location_known"] = (location.str.len() > 0).fillna(False).to_numpy(dtype=float)
+
+    category = _column(item_rows, "item_category", n).astype("string")
+    share = np.zeros(n, dtype=float)
+    for k in range(1, TOP_CATEGORIES + 1):
+        match = (_column(user_rows, f"user_top{k}_category", n).astype("string") == category).fillna(False)
+        value = pd.to_numeric(_column(user_rows, f"user_top{k}_share", n), errors="coerce").fillna(0.0)
+        share = np.where(match.to_numpy(dtype=bool), value.to_numpy(dtype=float), share)
+    out["user_category_share"] = share
+
+    out["item_age_days_at_request"] = _age_at_request(
+        _column(item_rows, "item_age_days", n), _column(item_rows, "event_timestamp", n), ts)
+    out["user_days_since_last_event_at_request"] = _age_at_request(
+        _column(user_rows, "user_days_since_last_event", n), _column(user_rows, "event_timestamp", n), ts)
+    return out[CONTEXT_FEATURE_COLUMNS].astype("float64")

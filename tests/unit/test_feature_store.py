@@ -1,0 +1,201 @@
+"""Pure helpers of pipeline_tasks.feature_store: config rendering, time bounds, alignment, the lock.
+
+None of these imports Feast (it takes seconds); the real repo is exercised in
+tests/integration/test_feature_store.py.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import threading
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline_tasks import feature_store as fs
+from pipeline_tasks.settings import Settings
+
+
+def make_settings(home: Path, profile: str = "embedded", **extra: str) -> Settings:
+    return Settings(home=home, artifact_root=home / "runs", profile=profile,
+                    extra={"redis_url": "redis.example:6380,db=2", **extra})
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def test_render_config_substitutes_variables_and_leaves_comments() -> None:
+    template = "# uses ${RECSYS_HOME} and ${UNDOCUMENTED}\nregistry: ${RECSYS_HOME}/fs/registry.db\nport: $PORT\n"
+    out = fs.render_config(template, {"RECSYS_HOME": "/data/home"})
+    assert out == "# uses ${RECSYS_HOME} and ${UNDOCUMENTED}\nregistry: /data/home/fs/registry.db\nport: $PORT\n"
+
+
+def test_render_config_names_missing_variables() -> None:
+    with pytest.raises(KeyError, match=r"\['A', 'B'\]"):
+        fs.render_config("x: ${B}\ny: ${A}\nz: ${C}\n", {"C": "1"})
+
+
+def test_embedded_config_puts_all_state_under_the_feature_store_dir(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    config = fs.repo_config_dict(settings)
+    assert config["project"] == "recsys"
+    assert config["provider"] == "local"
+    assert config["offline_store"] == {"type": "file"}
+    assert config["online_store"] == {"type": "sqlite", "path": str(settings.feature_store_dir / "online_store.db")}
+    assert config["registry"] == str(settings.feature_store_dir / "registry.db")
+
+
+def test_production_config_uses_redis_from_settings(tmp_path: Path) -> None:
+    config = fs.repo_config_dict(make_settings(tmp_path, profile="production", feast_project="recsys_ci_1"))
+    assert config["online_store"] == {"type": "redis", "connection_string": "redis.example:6380,db=2"}
+    assert config["project"] == "recsys_ci_1"
+    assert config["registry"] == str(tmp_path / "feature_store" / "registry.db")
+
+
+def test_profiles_share_everything_but_the_online_store() -> None:
+    """The production yaml differs from the default only where the architecture says it should."""
+    default = yaml.safe_load((fs.feature_repo_dir() / "feature_store.yaml").read_text())
+    production = yaml.safe_load((fs.feature_repo_dir() / "feature_store.production.yaml").read_text())
+    assert {k: v for k, v in default.items() if k != "online_store"} == {
+        k: v for k, v in production.items() if k != "online_store"}
+    assert default["registry"] == "${RECSYS_HOME}/feature_store/registry.db"  # plain `feast` CLI: env expansion
+    assert production["online_store"]["connection_string"] == "${RECSYS_REDIS_URL}"
+
+
+def test_unknown_profile_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="RECSYS_PROFILE='staging'"):
+        fs.config_template(make_settings(tmp_path, profile="staging"))
+
+
+def test_offline_table_dirs(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    assert fs.offline_table_dir("user_features", settings) == tmp_path / "feature_store" / "offline" / "user_features"
+    with pytest.raises(ValueError, match="unknown offline table"):
+        fs.offline_table_dir("users", settings)
+
+
+# --- materialization bounds -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("given", "expected"), [
+    (date(1998, 3, 4), datetime(1998, 3, 5, tzinfo=UTC)),
+    ("1998-03-04", datetime(1998, 3, 5, tzinfo=UTC)),
+    (datetime(1998, 3, 4, 12, 30), datetime(1998, 3, 4, 12, 30, tzinfo=UTC)),
+    ("1998-03-04T12:30:00+02:00", datetime(1998, 3, 4, 10, 30, tzinfo=UTC)),
+])
+def test_materialize_end(given: object, expected: datetime) -> None:
+    """A day means the whole day, so it includes that day's snapshot stamped at its end."""
+    end = fs.materialize_end(given)  # type: ignore[arg-type]
+    assert end == expected
+    assert end.tzinfo is not None and end.utcoffset() == timedelta(0)
+
+
+# --- aligning Feast's answer with the request -------------------------------------------------
+
+def _ts(text: str) -> pd.Timestamp:
+    return pd.Timestamp(text, tz="UTC")
+
+
+def test_align_to_requests_keeps_order_duplicates_and_missing_rows() -> None:
+    requests = pd.DataFrame({
+        "user_id": ["b", "a", "c", "b", "a"],
+        "event_timestamp": [_ts("2024-01-03"), _ts("2024-01-01"), _ts("2024-01-02"), _ts("2024-01-03"),
+                            _ts("2024-01-02")],
+        "label": [1, 0, 1, 0, 1],
+    }, index=[9, 7, 5, 3, 1])
+    # Feast's answer: sorted by time, row for "c" dropped, ("a", 01-02) dropped.
+    features = pd.DataFrame({
+        "user_id": ["a", "b"],
+        "event_timestamp": [_ts("2024-01-01"), _ts("2024-01-03")],
+        "f": [10.0, 30.0],
+        "g": ["x", "y"],
+    })
+    out = fs.align_to_requests(requests, features, ["user_id"], ["f", "g"])
+    assert out.index.tolist() == [9, 7, 5, 3, 1]
+    pd.testing.assert_frame_equal(out[requests.columns], requests)
+    assert out["f"].tolist()[:2] == [30.0, 10.0] and out["f"].isna().tolist() == [False, False, True, False, True]
+    assert out["g"].tolist()[:2] == ["y", "x"] and out["g"].tolist()[3] == "y"
+
+
+def test_align_to_requests_matches_naive_utc_other_units_and_non_string_keys() -> None:
+    requests = pd.DataFrame({"item_id": [7, 8], "event_timestamp": [datetime(2024, 1, 1, 12), datetime(2024, 1, 2)]})
+    features = pd.DataFrame({
+        "item_id": ["8", "7"],
+        "event_timestamp": pd.to_datetime(["2024-01-02T01:00:00+01:00", "2024-01-01T12:00:00Z"], utc=True)
+        .as_unit("us").tz_convert("Europe/Paris"),
+        "f": [2, 1],
+    })
+    out = fs.align_to_requests(requests, features, ["item_id"], ["f"])
+    assert out["f"].tolist() == [1, 2]
+
+
+def test_align_to_requests_refuses_to_overwrite_caller_columns() -> None:
+    requests = pd.DataFrame({"user_id": ["a"], "event_timestamp": [_ts("2024-01-01")], "f": [1]})
+    with pytest.raises(ValueError, match=r"\['f'\]"):
+        fs.align_to_requests(requests, requests, ["user_id"], ["f"])
+
+
+def test_with_dtypes_is_stable_with_and_without_nulls() -> None:
+    view = fs.ViewFeatures(view="v", join_key="user_id", features=("n", "x", "s"),
+                           dtypes=("Int64", "float64", object), source_path="")
+    df = pd.DataFrame({"n": [1.0, float("nan")], "x": [None, 0.5], "s": ["a", float("nan")]})
+    out = fs.with_dtypes(df, [view])
+    assert out["n"].dtype == "Int64" and out["n"].isna().tolist() == [False, True]
+    assert out["x"].dtype == "float64"
+    assert out["s"].tolist() == ["a", None]
+
+
+# --- the writers' lock ------------------------------------------------------------------------
+
+def _try_flock(path: Path) -> bool:
+    """Another open file description: what another process would get."""
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return True
+
+
+def test_lock_excludes_other_processes_and_is_reentrant(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    with fs.feature_store_lock(settings) as path:
+        assert path == settings.feature_store_dir / ".lock"
+        assert not _try_flock(path)
+        with fs.feature_store_lock(settings):  # apply inside a caller's locked block must not deadlock
+            assert not _try_flock(path)
+        assert not _try_flock(path)
+        assert '"pid"' in path.read_text()
+    assert _try_flock(path)
+
+
+def test_lock_times_out_with_a_useful_message(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    path = settings.feature_store_dir / ".lock"
+    path.parent.mkdir(parents=True)
+    with open(path, "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(TimeoutError, match="still held after"), fs.feature_store_lock(settings, timeout=0.3):
+            pass
+
+
+def test_lock_serialises_threads(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    inside: list[int] = []
+    overlaps: list[bool] = []
+
+    def work() -> None:
+        for _ in range(20):
+            with fs.feature_store_lock(settings):
+                inside.append(1)
+                overlaps.append(len(inside) > 1)
+                inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(overlaps) == 80 and not any(overlaps)
