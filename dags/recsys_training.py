@@ -18,13 +18,21 @@ Daily. A run looks at all events up to its `as_of` and writes everything under
 - `materialize`: loads the newest snapshot values into the online store (SQLite, or Redis in production).
 - `training_set`: Feast point-in-time retrieval for every train/validation interaction plus the
   request-time context features -> `training_set/training_set.parquet`.
+- `train_two_tower`: PyTorch two-tower retrieval model (and the team's MF beside it): hyper-parameters
+  chosen on the validation window, refit on train + validation, scored on the test window with 95 %
+  bootstrap CIs; params, learning curves, metrics and the model logged to MLflow
+  (`$RECSYS_HOME/mlflow`) -> `train_two_tower/model/`, `metrics.json`.
+- `build_index`: FAISS index of the whole catalog (Flat when small, IVF/HNSW when large) tuned to
+  recall@k >= target vs exact search on held-out users; written with checksums as version 1 of
+  this model's index under `$RECSYS_HOME/indexes/` and made current -> `build_index/index.json`.
 - `drift_check`: Evidently PSI of the newest window vs the training window (event mix, popularity,
   hour, value, activity, feature rates) -> `drift_check/drift_report.html` and `.json`; PSI above
   `drift_threshold` warns, or fails the run when `drift_mode` is `fail`.
 
 **Params**: `source`, `synthetic` (generator settings, `faults`), `as_of` (ISO-8601; empty = contract default),
 `t_val`/`t_test` (explicit split boundaries), `quality_threshold`, `horizon_days`, `bot_events_per_day`,
-`drift_mode` (warn | fail), `drift_threshold` (PSI, default 0.2).
+`drift_mode` (warn | fail), `drift_threshold` (PSI, default 0.2), `two_tower` (grid, epochs, content method),
+`index` (kind, target_recall, k).
 
 **Extending**: write a function in `pipeline_tasks/<stage>.py` that takes `out_dir` and returns a small dict,
 add a one-line stage in `pipeline_tasks/training.py`, and wire a task here that calls it with its upstream
@@ -66,6 +74,11 @@ PARAMS = {
                         description="on PSI above drift_threshold: warn in the log, or fail the run"),
     "drift_threshold": Param(DEFAULT_PARAMS["drift_threshold"], type="number", exclusiveMinimum=0,
                              description="PSI above which a monitored feature counts as drifted"),
+    "two_tower": Param(DEFAULT_PARAMS["two_tower"], type="object",
+                       description="retrieval training overrides, e.g. {'base': {'max_epochs': 10}, "
+                                   "'grid': [{'id_dropout': 0.2}], 'content_method': 'minilm'}"),
+    "index": Param(DEFAULT_PARAMS["index"], type="object",
+                   description="FAISS index overrides, e.g. {'kind': 'hnsw', 'target_recall': 0.95, 'k': 100}"),
 }
 
 
@@ -127,6 +140,20 @@ def recsys_training() -> None:
 
         return training_set_stage(run_id, split_out)
 
+    @task(doc_md="PyTorch two-tower (and MF) retrieval: tune on validation, refit, score on test; log to MLflow.")
+    def train_two_tower(validated: dict, split_out: dict, train_set: dict, params: dict | None = None,
+                        run_id: str | None = None) -> dict:
+        from pipeline_tasks.training import train_two_tower_stage
+
+        return train_two_tower_stage(run_id, params, validated, split_out, train_set)
+
+    @task(doc_md="FAISS index of the catalog tuned to the recall target; published as a checksummed version.")
+    def build_index(validated: dict, trained: dict, features: dict, params: dict | None = None,
+                    run_id: str | None = None) -> dict:
+        from pipeline_tasks.training import build_index_stage
+
+        return build_index_stage(run_id, params, validated, trained, features)
+
     @task(doc_md="Evidently PSI drift check of the newest window vs the reference; HTML report + numbers.")
     def drift_check(validated: dict, split_out: dict, features: dict, materialized: dict,
                     params: dict | None = None, run_id: str | None = None) -> dict:
@@ -143,7 +170,8 @@ def recsys_training() -> None:
     features = build_features(validated)
     split_out >> features
     materialized = materialize(features, feast_apply(features))
-    training_set(split_out, materialized)
+    train_set = training_set(split_out, materialized)
+    build_index(validated, train_two_tower(validated, split_out, train_set), features)
     drift_check(validated, split_out, features, materialized)
 
 

@@ -59,9 +59,9 @@ def _json_lines(stdout: str) -> list[dict[str, Any]]:
     return []
 
 
-def find_run_id(env: dict[str, str], logical_date: str) -> str | None:
+def find_run_id(env: dict[str, str], logical_date: str, dag_id: str = DAG_ID) -> str | None:
     """The run id Airflow gave the run with this logical date (``airflow dags list-runs``)."""
-    res = _airflow(["dags", "list-runs", DAG_ID, "-o", "json"], env, capture=True)
+    res = _airflow(["dags", "list-runs", dag_id, "-o", "json"], env, capture=True)
     runs = _json_lines(res.stdout) if res.returncode == 0 else []
     target = datetime.fromisoformat(logical_date)
     for r in runs:
@@ -96,6 +96,29 @@ def _print_summary(manifest_path: Path) -> None:
                    f"{c['quarantined']:,} quarantined")
 
 
+def _json_option(value: str | None, name: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{name} must be a JSON object, e.g. '{{\"kind\": \"hnsw\"}}': {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise typer.BadParameter(f"{name} must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def _dags_test(dag_id: str, conf: dict[str, Any], extra: list[str], settings: Any) -> tuple[int, str | None]:
+    """``airflow dags test DAG_ID`` on the shared AIRFLOW_HOME; returns the exit code and the run id."""
+    env = airflow_env(settings)
+    os.environ.update({k: env[k] for k in ("RECSYS_HOME", "AIRFLOW_HOME")})
+    ensure_airflow_home(env)
+    logical_date = datetime.now(UTC).isoformat()
+    typer.echo(f"Running DAG {dag_id} (logical date {logical_date}) ...")
+    res = _airflow(["dags", "test", dag_id, logical_date, "--conf", json.dumps(conf), *extra], env)
+    return res.returncode, find_run_id(env, logical_date, dag_id)
+
+
 @app.command()
 def run(
     data: Annotated[str, typer.Option(help="synthetic | movielens:PATH | DIR with the contract tables")] = "synthetic",
@@ -111,6 +134,11 @@ def run(
         help="regex of task ids to mark successful without running them (airflow dags test "
              "--mark-success-pattern), e.g. to iterate on early stages; the UI shows them as success")] = None,
     drift_mode: Annotated[str | None, typer.Option(help="warn | fail on drift above the threshold")] = None,
+    two_tower: Annotated[str | None, typer.Option(
+        help="JSON retrieval overrides, e.g. '{\"base\": {\"max_epochs\": 10}, \"grid\": [{\"id_dropout\": 0.3}]}'"
+    )] = None,
+    index: Annotated[str | None, typer.Option(
+        help="JSON FAISS index overrides, e.g. '{\"kind\": \"hnsw\", \"target_recall\": 0.95}'")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the recsys_training DAG end to end with `airflow dags test` (visible in `recsys ui`)."""
@@ -119,11 +147,10 @@ def run(
 
     _setup_logging(verbose)
     settings = load_settings()
-    env = airflow_env(settings)
-    os.environ.update({k: env[k] for k in ("RECSYS_HOME", "AIRFLOW_HOME")})
-    ensure_airflow_home(env)
     conf: dict[str, Any] = {"source": _source_option(data), "as_of": as_of, "t_val": t_val, "t_test": t_test,
-                            "quality_threshold": quality_threshold, "drift_mode": drift_mode}
+                            "quality_threshold": quality_threshold, "drift_mode": drift_mode,
+                            "two_tower": _json_option(two_tower, "--two-tower"),
+                            "index": _json_option(index, "--index")}
     synthetic = dict(DEFAULT_PARAMS["synthetic"])
     if events is not None:
         synthetic["n_events"] = events
@@ -133,22 +160,48 @@ def run(
         synthetic["faults"] = faults if faults in ("all", "none") else {"rate": float(faults)}
     conf["synthetic"] = synthetic
     conf = {k: v for k, v in conf.items() if v is not None}
-    logical_date = datetime.now(UTC).isoformat()
-    typer.echo(f"Running DAG {DAG_ID} (logical date {logical_date}) on {conf['source']} ...")
+    typer.echo(f"Data source: {conf['source']}")
     extra = ["--mark-success-pattern", mark_success] if mark_success else []
-    res = _airflow(["dags", "test", DAG_ID, logical_date, "--conf", json.dumps(conf), *extra], env)
-    run_id = find_run_id(env, logical_date)
+    returncode, run_id = _dags_test(DAG_ID, conf, extra, settings)
     manifest = run_dir(run_id, settings) / MANIFEST if run_id else None
     if manifest and manifest.exists():
         _print_summary(manifest)
+    _print_footer(run_id, returncode, DAG_ID)
+
+
+def _print_footer(run_id: str | None, returncode: int, dag_id: str) -> None:
     typer.echo(f"\nRun id        : {run_id}")
-    typer.echo(f"Airflow home  : {env['AIRFLOW_HOME']}")
-    typer.echo("Airflow UI    : `recsys ui`, then open http://localhost:8080 (DAG recsys_training, this run)")
-    if res.returncode != 0:
-        typer.echo(f"\nThe run FAILED (airflow exit {res.returncode}). The failing task's error is above and in "
+    typer.echo(f"Airflow home  : {airflow_env(load_settings())['AIRFLOW_HOME']}")
+    typer.echo(f"Airflow UI    : `recsys ui`, then open http://localhost:8080 (DAG {dag_id}, this run)")
+    if returncode != 0:
+        typer.echo(f"\nThe run FAILED (airflow exit {returncode}). The failing task's error is above and in "
                    f"the manifest; fix the cause and run again.", err=True)
         raise typer.Exit(1)
     typer.echo("The run succeeded.")
+
+
+@app.command()
+def refresh(
+    source: Annotated[str | None, typer.Option(
+        help="catalog: contract DIR, items file or built-in source (default: the serving model's training source)"
+    )] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the recsys_item_refresh DAG once: embed new catalog items and publish the next index version."""
+    from pipeline_tasks.runs import MANIFEST, run_dir
+
+    _setup_logging(verbose)
+    settings = load_settings()
+    conf = {"source": _source_option(source)} if source else {}
+    returncode, run_id = _dags_test("recsys_item_refresh", conf, [], settings)
+    manifest = run_dir(run_id, settings) / MANIFEST if run_id else None
+    if manifest and manifest.exists():
+        _print_summary(manifest)
+        out = json.loads(manifest.read_text()).get("tasks", {}).get("refresh_items", {}).get("outputs") or {}
+        if out:
+            typer.echo(f"  refresh       : {out.get('status')}, {out.get('added', 0)} new items, index "
+                       f"{out.get('index_dir')}")
+    _print_footer(run_id, returncode, "recsys_item_refresh")
 
 
 @app.command()

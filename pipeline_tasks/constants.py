@@ -56,4 +56,6 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "bot_events_per_day": None,
     "drift_mode": "warn",
     "drift_threshold": 0.2,
+    "two_tower": {},  # RetrievalConfig overrides: base, grid, mf_grid, content_method, n_boot
+    "index": {},  # IndexConfig overrides: kind, target_recall, k, ...
 }

@@ -162,7 +162,8 @@ def feature_store_lock(settings: Settings | None = None,
         rlock.release()
 
 
-def _acquire_file_lock(path: Path, timeout: float) -> IO[str]:
+def _acquire_file_lock(path: Path, timeout: float, what: str = "feature store",
+                       writers: str = "apply/materialize/build_features") -> IO[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")  # noqa: SIM115 - closed when the lock is released
     deadline = time.monotonic() + timeout
@@ -174,13 +175,12 @@ def _acquire_file_lock(path: Path, timeout: float) -> IO[str]:
         except BlockingIOError:
             if not waited:
                 fh.seek(0)
-                log.info("waiting for the feature store lock %s (held by %s)", path, fh.read().strip() or "?")
+                log.info("waiting for the %s lock %s (held by %s)", what, path, fh.read().strip() or "?")
                 waited = True
             if time.monotonic() >= deadline:
                 fh.close()
-                raise TimeoutError(f"feature store lock {path} still held after {timeout:.0f}s; another "
-                                   "apply/materialize/build_features is running (or hung: see the pid in the file)"
-                                   ) from None
+                raise TimeoutError(f"{what} lock {path} still held after {timeout:.0f}s; another "
+                                   f"{writers} is running (or hung: see the pid in the file)") from None
             time.sleep(0.2)
     fh.seek(0)
     fh.truncate()

@@ -42,6 +42,21 @@ class Settings:
         return self.home / "feature_store"
 
     @property
+    def mlflow_dir(self) -> Path:
+        """The embedded MLflow store: SQLite backend and local artifacts."""
+        return self.home / "mlflow"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        """``RECSYS_MLFLOW_TRACKING_URI`` (e.g. a PostgreSQL URI in production), else the embedded SQLite store."""
+        return self.extra.get("mlflow_tracking_uri") or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def index_dir(self) -> Path:
+        """Long-lived FAISS index versions (``<model run>/v0001/ ...``) and the ``current.json`` pointer."""
+        return self.home / "indexes"
+
+    @property
     def redis_url(self) -> str:
         """Redis for the production profile's online store (``RECSYS_REDIS_URL``)."""
         return self.extra.get("redis_url", "127.0.0.1:6379")
@@ -64,7 +79,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         horizon_days=int(env.get("RECSYS_HORIZON_DAYS", DEFAULT_HORIZON_DAYS)),
         bot_events_per_day=int(env.get("RECSYS_BOT_EVENTS_PER_DAY", DEFAULT_BOT_EVENTS_PER_DAY)),
         quality_threshold=float(env.get("RECSYS_QUALITY_THRESHOLD", DEFAULT_QUALITY_THRESHOLD)),
-        extra={"redis_url": env.get("RECSYS_REDIS_URL", "127.0.0.1:6379")},
+        extra={"redis_url": env.get("RECSYS_REDIS_URL", "127.0.0.1:6379"),
+               "mlflow_tracking_uri": env.get("RECSYS_MLFLOW_TRACKING_URI", "")},
     )
 
 

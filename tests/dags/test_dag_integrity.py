@@ -22,7 +22,7 @@ def dagbag():
 
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}, f"DAG import errors: {dagbag.import_errors}"
-    assert "recsys_training" in dagbag.dag_ids
+    assert {"recsys_training", "recsys_item_refresh"} <= set(dagbag.dag_ids)
 
 
 def test_policy_tags_retries_docs(dagbag):
@@ -49,13 +49,22 @@ def test_no_cycles_and_training_graph(dagbag):
         "materialize": {"build_features", "feast_apply"},
         "training_set": {"split", "materialize"},
         "drift_check": {"validate", "split", "build_features", "materialize"},
+        "train_two_tower": {"validate", "split", "training_set"},
+        "build_index": {"validate", "train_two_tower", "build_features"},
     }
+
+
+def test_item_refresh_dag(dagbag):
+    dag = dagbag.dags["recsys_item_refresh"]
+    assert [t.task_id for t in dag.tasks] == ["refresh_items"]
+    assert dag.schedule == "@hourly", dag.schedule
+    assert dag.params.get_param("source").description
 
 
 def test_params_have_descriptions(dagbag):
     params = dagbag.dags["recsys_training"].params
     for key in ("source", "synthetic", "as_of", "t_val", "t_test", "quality_threshold", "drift_mode",
-                "drift_threshold"):
+                "drift_threshold", "two_tower", "index"):
         assert key in params, key
         assert params.get_param(key).description, f"param {key} needs a description"
 

@@ -18,7 +18,8 @@ from pipeline_tasks.synthetic import generate
 pytestmark = pytest.mark.integration
 
 # These tests are about ingest/validate/split; test_movielens_100k runs every task.
-LATER_TASKS = ["--mark-success", "build_features|feast_apply|materialize|training_set|drift_check"]
+LATER_TASKS = ["--mark-success",
+               "build_features|feast_apply|materialize|training_set|drift_check|train_two_tower|build_index"]
 
 FAULT_REASONS = {
     "null": {"missing_user_id", "missing_item_id", "missing_or_unparseable_timestamp"},
@@ -97,10 +98,10 @@ def test_movielens_100k(run_recsys, ml100k, bench_protocol):
     # Same boundaries as the independent implementation, reading the run's accepted contract dir.
     _, _, _, t_val, t_test = bench_protocol.split(run.run_dir / "validate" / "accepted")
     assert pd.Timestamp(split["t_val"]) == t_val and pd.Timestamp(split["t_test"]) == t_test
-    # Every task ran: features, Feast, the training set and the drift check.
+    # Every task ran: features, Feast, the training set, the drift check, the retrieval model and its index.
     assert {t: i["status"] for t, i in run.manifest["tasks"].items()} == {
         t: "success" for t in ("ingest", "validate", "split", "build_features", "feast_apply", "materialize",
-                               "training_set", "drift_check")}
+                               "training_set", "drift_check", "train_two_tower", "build_index")}
     ts = pd.read_parquet(run.manifest["tasks"]["training_set"]["outputs"]["training_set"])
     requested = pd.concat([pd.read_parquet(run.run_dir / "split" / f"{w}.parquet") for w in ("train", "validation")])
     assert len(ts) == 90_000  # one row per requested row, in order
@@ -112,6 +113,40 @@ def test_movielens_100k(run_recsys, ml100k, bench_protocol):
     drift = _read_json(run.run_dir / "drift_check" / "drift_report.json")
     assert drift["threshold"] == 0.2 and "event_type" in drift["features"]
     assert (run.run_dir / "drift_check" / "drift_report.html").stat().st_size > 100_000
+    _check_retrieval(run, ml100k)
+
+
+def _check_retrieval(run, ml100k):
+    """The two-tower stage followed the protocol on the real split and the index serves the whole catalog."""
+    import mlflow
+
+    from pipeline_tasks.index import load_index
+
+    metrics = _read_json(run.run_dir / "train_two_tower" / "metrics.json")
+    assert metrics["test_users"] == 90 and metrics["items"] == 1682  # DATA_CONTRACT.md: 90 test users
+    assert metrics["content_method"] == "minilm"
+    tt, mf, pop = (metrics["models"][m]["test"] for m in ("two_tower", "mf", "popularity"))
+    for m in (tt, mf, pop):
+        assert m["users"] == 90 and m["ci95"]["recall@100"][0] <= m["recall@100"] <= m["ci95"]["recall@100"][1]
+    trial = metrics["models"]["two_tower"]["trials"][0]
+    assert trial["history"][0]["loss"] > trial["history"][-1]["loss"]  # it learned
+    # The team's bar (README): above popularity and our MF on recall@100 and @500.
+    for k in ("recall@100", "recall@500"):
+        assert tt[k] > pop[k] and tt[k] > mf[k], (k, tt[k], pop[k], mf[k])
+    built = run.manifest["tasks"]["build_index"]["outputs"]
+    index = load_index(built["index_dir"])
+    assert built["kind"] == "flat" and built["recall_at_k"] == 1.0 and len(index.item_ids) == 1682
+    current = _read_json(Path(run.manifest["run_dir"]).parents[1] / "indexes" / "current.json")
+    assert current["index_dir"] == built["index_dir"] and current["sha256"] == index.sha256
+    # MLflow has the run with its lineage, curves and test metrics.
+    out = run.manifest["tasks"]["train_two_tower"]["outputs"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(run.manifest['run_dir']).parents[1]}/mlflow/mlflow.db")
+    logged = client.get_run(out["mlflow_run_id"])
+    assert logged.data.tags["recsys.data_snapshot_sha256"] == run.manifest["data"]["snapshot_sha256"]
+    assert logged.data.tags["recsys.run_id"] == run.run_id
+    assert logged.data.metrics["test.two_tower.recall_at_100"] == pytest.approx(tt["recall@100"])
+    assert "index.latency_ms_p99" in logged.data.metrics
+    assert len(client.get_metric_history(logged.info.run_id, "two_tower.trial0.loss")) == len(trial["history"])
 
 
 def test_csv_contract_directory(run_recsys, tmp_path, ml100k):

@@ -1,0 +1,146 @@
+"""Serving index versions and the hourly item refresh.
+
+Index versions live under ``$RECSYS_HOME/indexes/<model run>/v0001/``, ``v0002/`` ...; each is
+immutable (files + SHA-256 in ``index.json``). ``current.json`` names the version serving should
+load and the model that embedded it. The training DAG publishes ``v0001`` of a new model; the
+refresh embeds catalog items that the current version lacks (from content, category and genres:
+the item tower needs no interactions) and publishes the next version, pointing back at its parent.
+Writers take the index lock, so the training DAG and the refresh never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline_tasks.constants import ITEM_ID
+from pipeline_tasks.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current.json"
+LOCK_TIMEOUT_S = 3600.0
+
+
+@contextlib.contextmanager
+def index_lock(settings: Settings | None = None, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Path]:
+    """Hold the index writers' lock (``$RECSYS_HOME/indexes/.lock``) across processes."""
+    from pipeline_tasks.feature_store import _acquire_file_lock
+
+    settings = settings or load_settings()
+    path = settings.index_dir / ".lock"
+    fh = _acquire_file_lock(path, timeout, what="index", writers="build_index / item refresh")
+    try:
+        yield path
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def current_index(settings: Settings | None = None) -> dict[str, Any] | None:
+    """The pointer to the serving index version, or None before the first ``build_index``."""
+    path = (settings or load_settings()).index_dir / CURRENT
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_current(pointer: dict[str, Any], settings: Settings) -> None:
+    path = settings.index_dir / CURRENT
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(pointer, indent=2, default=str))
+    tmp.replace(path)
+
+
+def version_dir(model_key: str, version: int, settings: Settings | None = None) -> Path:
+    """``$RECSYS_HOME/indexes/<model_key>/v0001``."""
+    return (settings or load_settings()).index_dir / model_key / f"v{version:04d}"
+
+
+def publish(pointer: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
+    """Make ``pointer`` (index_dir, model_dir, version, sha256, ...) the current index version."""
+    settings = settings or load_settings()
+    pointer = {**pointer, "published_at": datetime.now(UTC).isoformat()}
+    _write_current(pointer, settings)
+    log.info("serving index is now %s (version %s)", pointer["index_dir"], pointer["version"])
+    return pointer
+
+
+def catalog_items(source: str) -> pd.DataFrame:
+    """The catalog's items table from a data source (a contract directory, an items file, or a built-in source)."""
+    from pipeline_tasks.contract import normalise_items
+    from pipeline_tasks.ingest import load_source
+
+    path = Path(source)
+    if path.is_file():
+        raw = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
+        return normalise_items(raw)
+    return load_source(source).items
+
+
+_ID_OK = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+
+
+def _valid_ids(items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split items into those with a valid id (contract id rule) and the rest, with a reason."""
+    ids = items[ITEM_ID]
+    ok = ids.notna() & ids.astype(str).str.strip().ne("") & ids.astype(str).map(lambda s: bool(_ID_OK.match(s)))
+    dup = items[ITEM_ID].duplicated(keep="first") & ok
+    bad = items[~ok | dup].assign(reason=np.where(dup[~ok | dup], "duplicate_item_id", "invalid_item_id"))
+    return items[ok & ~dup].reset_index(drop=True), bad.reset_index(drop=True)
+
+
+def refresh_items(out_dir: str | Path, source: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """Embed catalog items missing from the current index and publish a new index version.
+
+    ``source`` defaults to the data source of the training run that built the current model.
+    No new items: nothing is written and the current version stays.
+    """
+    from pipeline_tasks.content import embed_texts, item_texts
+    from pipeline_tasks.index import add_items, load_index
+    from pipeline_tasks.two_tower import load_model
+
+    settings = settings or load_settings()
+    out = Path(out_dir)
+    with index_lock(settings):
+        current = current_index(settings)
+        if current is None:
+            return {"status": "no_index", "message": "no index has been built yet: run recsys_training first"}
+        source = source or current["source"]
+        base = load_index(current["index_dir"])  # refuses a corrupted base by its checksum
+        items, rejected = _valid_ids(catalog_items(source))
+        if len(rejected):
+            rejected.to_parquet(out / "rejected_items.parquet", index=False)
+            log.warning("%d catalog rows rejected (invalid or duplicate item id): %s", len(rejected),
+                        out / "rejected_items.parquet")
+        known = set(base.item_ids.tolist())
+        new = items[~items[ITEM_ID].astype(str).isin(known)].reset_index(drop=True)
+        result: dict[str, Any] = {"source": source, "catalog_items": int(len(items)), "rejected": int(len(rejected)),
+                                  "base_index_dir": current["index_dir"], "base_sha256": current["sha256"],
+                                  "added": int(len(new))}
+        if not len(new):
+            log.info("no new items in %s: index %s stays current", source, current["index_dir"])
+            return {**result, "status": "up_to_date", "index_dir": current["index_dir"]}
+        model = load_model(current["model_dir"])
+        content, method = embed_texts(item_texts(new), method=model.encoder.content_method)
+        vectors = model.new_item_embeddings(new, content)
+        version = int(current["version"]) + 1
+        target = version_dir(current["model_key"], version, settings)
+        if target.exists():
+            raise FileExistsError(f"index version {target} exists but is not current; move it away and retry")
+        meta = add_items(current["index_dir"], vectors, new[ITEM_ID].astype(str).tolist(), target)
+        new[[ITEM_ID]].to_parquet(out / "added_items.parquet", index=False)
+        pointer = publish({**current, "index_dir": str(target), "version": version, "sha256": meta["sha256"],
+                           "parent": {"index_dir": current["index_dir"], "sha256": current["sha256"]},
+                           "n_items": meta["n_items"]}, settings)
+    log.info("item refresh: %d new items embedded with %s -> %s", len(new), method, target)
+    return {**result, "status": "published", "index_dir": str(target), "version": version,
+            "sha256": pointer["sha256"], "n_items": meta["n_items"], "added_items": str(out / "added_items.parquet")}
