@@ -58,17 +58,17 @@ class TwoTowerConfig:
     cat_dim: int = 16
     content_proj_dim: int = 64
     hidden: tuple[int, ...] = (256,)
-    dropout: float = 0.1
-    id_dropout: float = 0.2
+    dropout: float = 0.2
+    id_dropout: float = 0.3
     history_len: int = 20
     batch_size: int = 512
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-6
     init_temperature: float = 0.05
     max_epochs: int = 30
     patience: int = 3
     eval_k: int = 100
-    logq: bool = True
+    logq: str = "batch"  # log-Q correction: batch (P(item in batch)) | sample (log q) | none
     seed: int = SEED
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,7 +268,7 @@ class TwoTowerNet(nn.Module):
         # Static catalog inputs, indexed by item index (row 0 = padding / unknown).
         self.register_buffer("item_category", torch.zeros(spec["n_items"] + 1, dtype=torch.long))
         self.register_buffer("item_content", torch.zeros(spec["n_items"] + 1, spec["content_dim"]))
-        d_user = c.id_dim + c.id_dim + c.content_proj_dim + c.cat_dim + 4 + 8 + 2 + spec["user_numeric"]
+        d_user = c.id_dim + c.id_dim + c.content_proj_dim + 2 * c.cat_dim + 4 + 8 + 2 + spec["user_numeric"]
         d_item = c.id_dim + c.cat_dim + c.cat_dim + c.content_proj_dim + spec["item_numeric"]
         self.user_mlp = _MLP(d_user, c.hidden, c.dim, c.dropout)
         self.item_mlp = _MLP(d_item, c.hidden, c.dim, c.dropout)
@@ -295,9 +295,11 @@ class TwoTowerNet(nn.Module):
         # Mean of the raw content vectors, then one projection (a linear map commutes with the mean).
         has_history = (mask.sum(1) > 0).float()
         hist_content = self.content((self.item_content[hist] * mask).sum(1) / denom) * has_history
+        # The categories of the history, in the item tower's category space: taste aligned with items.
+        hist_category = (self.category(self.item_category[hist]) * mask).sum(1) / denom
         taste = self.category(b["user_categories"]).sum(1)
-        x = torch.cat([uid, hist_id, hist_content, taste, self.gender(b["gender"]), self.occupation(b["occupation"]),
-                       b["age"], b["user_numeric"]], dim=-1)
+        x = torch.cat([uid, hist_id, hist_content, hist_category, taste, self.gender(b["gender"]),
+                       self.occupation(b["occupation"]), b["age"], b["user_numeric"]], dim=-1)
         return F.normalize(self.user_mlp(x), dim=-1)
 
     def item_vectors(self, b: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -321,6 +323,27 @@ def in_batch_softmax_loss(user: torch.Tensor, item: torch.Tensor, item_idx: torc
     logits = logits.masked_fill(same, float("-inf"))
     labels = torch.arange(len(user), device=user.device)
     return F.cross_entropy(logits, labels)
+
+
+LOGQ_MODES = ("batch", "sample", "none")
+
+
+def sampling_log_q(item_idx: np.ndarray, n: int, batch_size: int, mode: str) -> torch.Tensor | None:
+    """The log-Q correction per item index, from each item's share q of the training examples.
+
+    ``batch``: log P(item in a batch) = log(1 - (1 - q)^B). With accidental hits masked an item is a
+    negative when it appears at least once: ~ log(B*q) for rare items, -> 0 for items so popular that
+    nearly every batch holds them (small catalogs), where ``sample`` (plain log q) over-corrects and
+    pushes popular items up. ``none``: no correction (in-batch softmax alone demotes popular items).
+    """
+    if mode not in LOGQ_MODES:
+        raise ValueError(f"logq={mode!r}: use one of {LOGQ_MODES}")
+    if mode == "none":
+        return None
+    counts = np.bincount(item_idx, minlength=n).astype(np.float64)
+    q = np.maximum(counts, 1) / max(counts.sum(), 1)
+    log_q = np.log(q) if mode == "sample" else np.log(-np.expm1(batch_size * np.log1p(-np.minimum(q, 1 - 1e-12))))
+    return torch.from_numpy(log_q.astype(np.float32))
 
 
 # -- data preparation -------------------------------------------------------------------------------
@@ -575,8 +598,7 @@ def fit(examples: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None,
     u_in = user_inputs(encoder, uids, example_histories(ex, encoder, config.history_len),
                        ex.drop(columns=[USER_ID]) if has_features else None, users)
     i_in = item_inputs(encoder, catalog, item_idx, ex if has_features else None)
-    counts = np.bincount(item_idx, minlength=encoder.n_items + 1).astype(np.float64)
-    log_q = torch.from_numpy(np.log(np.maximum(counts, 1) / counts.sum()).astype(np.float32)) if config.logq else None
+    log_q = sampling_log_q(item_idx, encoder.n_items + 1, config.batch_size, config.logq)
 
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed)
