@@ -148,11 +148,10 @@ def recsys_training() -> None:
         return train_two_tower_stage(run_id, params, validated, split_out, train_set)
 
     @task(doc_md="FAISS index of the catalog tuned to the recall target; published as a checksummed version.")
-    def build_index(validated: dict, trained: dict, features: dict, params: dict | None = None,
-                    run_id: str | None = None) -> dict:
+    def build_index(trained: dict, features: dict, params: dict | None = None, run_id: str | None = None) -> dict:
         from pipeline_tasks.training import build_index_stage
 
-        return build_index_stage(run_id, params, validated, trained, features)
+        return build_index_stage(run_id, params, trained, features)
 
     @task(doc_md="Evidently PSI drift check of the newest window vs the reference; HTML report + numbers.")
     def drift_check(validated: dict, split_out: dict, features: dict, materialized: dict,
@@ -171,7 +170,7 @@ def recsys_training() -> None:
     split_out >> features
     materialized = materialize(features, feast_apply(features))
     train_set = training_set(split_out, materialized)
-    build_index(validated, train_two_tower(validated, split_out, train_set), features)
+    build_index(train_two_tower(validated, split_out, train_set), features)
     drift_check(validated, split_out, features, materialized)
 
 

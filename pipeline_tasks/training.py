@@ -252,8 +252,8 @@ def train_two_tower_stage(run_id: str, params: dict[str, Any] | None, validated:
     return run_stage(run_id, "train_two_tower", work)
 
 
-def build_index_stage(run_id: str, params: dict[str, Any] | None, validated: dict[str, Any],
-                      trained: dict[str, Any], features: dict[str, Any] | None) -> dict[str, Any]:
+def build_index_stage(run_id: str, params: dict[str, Any] | None, trained: dict[str, Any],
+                      features: dict[str, Any] | None) -> dict[str, Any]:
     """FAISS index of every catalog item (embedded with the newest feature snapshot), tuned to the recall
     target on held-out users, published as version 1 of this model's serving index."""
     import numpy as np

@@ -253,8 +253,11 @@ class TwoTowerNet(nn.Module):
         self.config = config
         self.mf = config.model == "mf"
         c = config
-        self.item_id = nn.Embedding(spec["n_items"] + 1, c.id_dim if not self.mf else c.dim, padding_idx=0)
-        self.user_id = nn.Embedding(spec["n_users"] + 1, c.id_dim if not self.mf else c.dim, padding_idx=0)
+        # Sparse gradients: an optimizer step touches the batch's rows, not a million-item table.
+        self.item_id = nn.Embedding(spec["n_items"] + 1, c.id_dim if not self.mf else c.dim, padding_idx=0,
+                                    sparse=True)
+        self.user_id = nn.Embedding(spec["n_users"] + 1, c.id_dim if not self.mf else c.dim, padding_idx=0,
+                                    sparse=True)
         nn.init.normal_(self.item_id.weight, std=0.05)
         nn.init.normal_(self.user_id.weight, std=0.05)
         self.log_inv_temp = nn.Parameter(torch.tensor(math.log(1.0 / c.init_temperature)))
@@ -600,7 +603,10 @@ def fit(examples: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None,
     i_in = item_inputs(encoder, catalog, item_idx, ex if has_features else None)
     log_q = sampling_log_q(item_idx, encoder.n_items + 1, config.batch_size, config.logq)
 
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sparse = [net.item_id.weight, net.user_id.weight]
+    dense = [p for p in net.parameters() if all(p is not q for q in sparse)]
+    optimizers = [torch.optim.SparseAdam(sparse, lr=config.lr),
+                  torch.optim.AdamW(dense, lr=config.lr, weight_decay=config.weight_decay, foreach=True)]
     gen = torch.Generator().manual_seed(config.seed)
     n = len(ex)
     max_epochs = epochs if epochs is not None else config.max_epochs
@@ -619,9 +625,11 @@ def fit(examples: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None,
             i = net.item_vectors({k: v[b] for k, v in i_in.items()})
             bi = i_in["item"][b]
             loss = in_batch_softmax_loss(u, i, bi, net.scale, log_q[bi] if log_q is not None else None)
-            opt.zero_grad()
+            for opt in optimizers:
+                opt.zero_grad()
             loss.backward()
-            opt.step()
+            for opt in optimizers:
+                opt.step()
             total += loss.item()
             steps += 1
         row = {"epoch": epoch, "loss": total / max(steps, 1), "seconds": time.perf_counter() - t0,

@@ -1,0 +1,40 @@
+"""Index version pointer and the refresh's input checks (pure logic; the DAG run is in tests/integration)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline_tasks.item_refresh import _valid_ids, catalog_items, current_index, publish, refresh_items, version_dir
+from pipeline_tasks.settings import load_settings
+
+
+def test_invalid_and_duplicate_item_ids_are_rejected_with_a_reason():
+    items = pd.DataFrame({"item_id": ["a", "a", "", "bad\x07id", "x" * 129, None, "b"], "title": list("1234567")})
+    ok, rejected = _valid_ids(items)
+    assert ok["item_id"].tolist() == ["a", "b"]
+    assert len(ok) + len(rejected) == len(items)  # nothing lost
+    assert rejected["reason"].tolist() == ["duplicate_item_id"] + ["invalid_item_id"] * 4
+
+
+def test_publish_and_current_pointer(tmp_path):
+    settings = load_settings({"RECSYS_HOME": str(tmp_path)})
+    assert current_index(settings) is None
+    settings.index_dir.mkdir(parents=True)
+    target = version_dir("run_1", 2, settings)
+    assert target == tmp_path / "indexes" / "run_1" / "v0002"
+    publish({"index_dir": str(target), "version": 2, "sha256": {"index.faiss": "x"}}, settings)
+    assert current_index(settings)["version"] == 2
+
+
+def test_refresh_without_an_index_says_what_to_do(tmp_path):
+    settings = load_settings({"RECSYS_HOME": str(tmp_path)})
+    out = refresh_items(tmp_path, source=None, settings=settings)
+    assert out["status"] == "no_index" and "recsys_training" in out["message"]
+
+
+def test_catalog_items_from_a_file(tmp_path):
+    pd.DataFrame({"item_id": ["i1", "i2"], "title": ["a", "b"], "category": ["c", None]}).to_csv(
+        tmp_path / "items.csv", index=False)
+    items = catalog_items(str(tmp_path / "items.csv"))
+    assert items["item_id"].tolist() == ["i1", "i2"]
+    assert "available" in items
