@@ -86,13 +86,21 @@ def catalog_items(source: str) -> pd.DataFrame:
     return load_source(source).items
 
 
-_ID_OK = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+def _item_id_rule() -> re.Pattern[str]:
+    """The contract's id rule as the items suite states it (``expectations/items.json``): one definition."""
+    from pipeline_tasks.validate import load_suite
+
+    for exp in load_suite("items")["expectations"]:
+        if exp["meta"].get("reason") == "invalid_item_id":
+            return re.compile(exp["kwargs"]["regex"])
+    raise RuntimeError("expectations/items.json has no 'invalid_item_id' expectation")
 
 
 def _valid_ids(items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split items into those with a valid id (contract id rule) and the rest, with a reason."""
+    rule = _item_id_rule()
     ids = items[ITEM_ID]
-    ok = ids.notna() & ids.astype(str).str.strip().ne("") & ids.astype(str).map(lambda s: bool(_ID_OK.match(s)))
+    ok = ids.notna() & ids.astype(str).map(lambda s: bool(rule.match(s)))
     dup = items[ITEM_ID].duplicated(keep="first") & ok
     bad = items[~ok | dup].assign(reason=np.where(dup[~ok | dup], "duplicate_item_id", "invalid_item_id"))
     return items[ok & ~dup].reset_index(drop=True), bad.reset_index(drop=True)

@@ -161,13 +161,9 @@ DRIFT_FEATURE_COLUMNS = {
 
 
 def _feature_rows_on(day: str) -> pd.DataFrame:
-    from pipeline_tasks.feature_store import offline_table_dir
-
-    parts = []
-    for table, columns in DRIFT_FEATURE_COLUMNS.items():
-        part = offline_table_dir(table) / f"snapshot_date={day}"
-        if part.exists():
-            parts.append(pd.read_parquet(part, columns=columns))
+    parts = [rows[columns] for rows, columns in zip(snapshot_rows(day, DRIFT_FEATURE_COLUMNS),
+                                                    DRIFT_FEATURE_COLUMNS.values(), strict=True)
+             if rows is not None]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
@@ -193,14 +189,17 @@ def drift_check_stage(run_id: str, params: dict[str, Any] | None, validated: dic
     return run_stage(run_id, "drift_check", work)
 
 
-def snapshot_rows(day: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """The user and item feature rows of one daily snapshot (``None`` where the store has no such partition)."""
+def snapshot_rows(day: str, columns: dict[str, list[str]] | None = None
+                  ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The user and item feature rows of one daily snapshot (``None`` where the store has no such partition);
+    ``columns`` limits what is read, per table."""
     from pipeline_tasks.feature_store import offline_table_dir
 
     out: list[pd.DataFrame | None] = []
     for table in ("user_features", "item_features"):
         part = offline_table_dir(table) / f"snapshot_date={day}"
-        out.append(pd.read_parquet(part) if part.exists() else None)
+        wanted = (columns or {}).get(table)
+        out.append(pd.read_parquet(part, columns=wanted) if part.exists() else None)
     return out[0], out[1]
 
 
