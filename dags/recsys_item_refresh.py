@@ -48,7 +48,7 @@ DEFAULT_ARGS = {
 def recsys_item_refresh() -> None:
     @task(doc_md="Embed items the current index lacks (item tower, cold start) and publish the next index version.")
     def refresh_items(params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import refresh_items_stage
+        from pipeline_tasks.stages.retrieval import refresh_items_stage
 
         out = refresh_items_stage(run_id, params)
         if out["status"] == "no_index":

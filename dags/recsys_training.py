@@ -47,7 +47,7 @@ import pendulum
 from airflow.sdk import Param, dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from pipeline_tasks.constants import DEFAULT_PARAMS  # a plain dict: no heavy import at parse time
+from pipeline_tasks.core.constants import DEFAULT_PARAMS  # a plain dict: no heavy import at parse time
 
 DEFAULT_ARGS = {
     "owner": "recsys",
@@ -96,14 +96,14 @@ PARAMS = {
 def recsys_training() -> None:
     @task(doc_md="Read the data source into the canonical contract tables (nothing dropped).")
     def ingest(params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import ingest_stage
+        from pipeline_tasks.stages.data import ingest_stage
 
         return ingest_stage(run_id, params)
 
     @task(doc_md="Validate with Great Expectations, quarantine bad rows with reasons, apply the quality gate.")
     def validate(ingested: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import validate_stage
-        from pipeline_tasks.validate import DataQualityError
+        from pipeline_tasks.data.validate import DataQualityError
+        from pipeline_tasks.stages.data import validate_stage
 
         try:
             return validate_stage(run_id, params, ingested)
@@ -112,52 +112,52 @@ def recsys_training() -> None:
 
     @task(doc_md="Time-based train / validation / test split of the accepted interactions.")
     def split(validated: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import split_stage
+        from pipeline_tasks.stages.data import split_stage
 
         return split_stage(run_id, params, validated)
 
     @task(doc_md="PySpark daily user/item feature snapshots into the offline store (serialised writers).")
     def build_features(validated: dict, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import build_features_stage
+        from pipeline_tasks.stages.features import build_features_stage
 
         return build_features_stage(run_id, None, validated)
 
     @task(doc_md="`feast apply` of feature_repo/: entities, feature views, feature services.")
     def feast_apply(features: dict, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import feast_apply_stage
+        from pipeline_tasks.stages.features import feast_apply_stage
 
         return feast_apply_stage(run_id)
 
     @task(doc_md="Incremental materialization of the newest snapshot into the online store.")
     def materialize(features: dict, applied: dict, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import materialize_stage
+        from pipeline_tasks.stages.features import materialize_stage
 
         return materialize_stage(run_id, features)
 
     @task(doc_md="Point-in-time training set (Feast historical retrieval) plus request-time context features.")
     def training_set(split_out: dict, materialized: dict, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import training_set_stage
+        from pipeline_tasks.stages.features import training_set_stage
 
         return training_set_stage(run_id, split_out)
 
     @task(doc_md="PyTorch two-tower (and MF) retrieval: tune on validation, refit, score on test; log to MLflow.")
     def train_two_tower(validated: dict, split_out: dict, train_set: dict, params: dict | None = None,
                         run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import train_two_tower_stage
+        from pipeline_tasks.stages.retrieval import train_two_tower_stage
 
         return train_two_tower_stage(run_id, params, validated, split_out, train_set)
 
     @task(doc_md="FAISS index of the catalog tuned to the recall target; published as a checksummed version.")
     def build_index(trained: dict, features: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.training import build_index_stage
+        from pipeline_tasks.stages.retrieval import build_index_stage
 
         return build_index_stage(run_id, params, trained, features)
 
     @task(doc_md="Evidently PSI drift check of the newest window vs the reference; HTML report + numbers.")
     def drift_check(validated: dict, split_out: dict, features: dict, materialized: dict,
                     params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.drift import DriftError
-        from pipeline_tasks.training import drift_check_stage
+        from pipeline_tasks.evaluation.drift import DriftError
+        from pipeline_tasks.stages.evaluation import drift_check_stage
 
         try:
             return drift_check_stage(run_id, params, validated, split_out, features)

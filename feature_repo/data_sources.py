@@ -2,12 +2,12 @@
 
 Layout ``<feature_store_dir>/offline/<table>/snapshot_date=YYYY-MM-DD/part-*.parquet``; each row is
 valid from its ``event_timestamp`` (the end of its UTC day) and uses only earlier events. The
-paths follow RECSYS_HOME, resolved the same way as everywhere else (pipeline_tasks.settings).
+paths follow RECSYS_HOME, resolved the same way as everywhere else (pipeline_tasks.core.settings).
 """
 
 from feast import FileSource
 
-from pipeline_tasks.feature_store import offline_table_dir
+from pipeline_tasks.online.feature_store import offline_table_dir
 
 # One row per user per day: activity counts, funnel rates, top categories, recent items.
 user_features_source = FileSource(

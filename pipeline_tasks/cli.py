@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline_tasks.settings import airflow_env, disable_telemetry, load_settings
+from pipeline_tasks.core.settings import airflow_env, disable_telemetry, load_settings
 
 app = typer.Typer(help="DAG-first recommender platform: run the training DAG, open Airflow, run stages.",
                   no_args_is_help=True, add_completion=False)
@@ -139,11 +139,11 @@ def run(
     )] = None,
     index: Annotated[str | None, typer.Option(
         help="JSON FAISS index overrides, e.g. '{\"kind\": \"hnsw\", \"target_recall\": 0.95}'")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every log line, not only the summary")] = False,
 ) -> None:
     """Run the recsys_training DAG end to end with `airflow dags test` (visible in `recsys ui`)."""
-    from pipeline_tasks.constants import DEFAULT_PARAMS
-    from pipeline_tasks.runs import MANIFEST, run_dir
+    from pipeline_tasks.core.constants import DEFAULT_PARAMS
+    from pipeline_tasks.core.runs import MANIFEST, run_dir
 
     _setup_logging(verbose)
     settings = load_settings()
@@ -185,10 +185,10 @@ def refresh(
     source: Annotated[str | None, typer.Option(
         help="catalog: contract DIR, items file or built-in source (default: the serving model's training source)"
     )] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every log line, not only the summary")] = False,
 ) -> None:
     """Run the recsys_item_refresh DAG once: embed new catalog items and publish the next index version."""
-    from pipeline_tasks.runs import MANIFEST, run_dir
+    from pipeline_tasks.core.runs import MANIFEST, run_dir
 
     _setup_logging(verbose)
     settings = load_settings()
@@ -227,12 +227,15 @@ def env_cmd() -> None:
 @app.command()
 def generate(
     out_dir: Annotated[Path, typer.Argument(help="directory to write interactions/items/users.parquet to")],
-    users: int = 1000, items: int = 2000, days: int = 60, events: int = 100_000,
+    users: Annotated[int, typer.Option(help="number of users")] = 1000,
+    items: Annotated[int, typer.Option(help="number of catalog items")] = 2000,
+    days: Annotated[int, typer.Option(help="days of history")] = 60,
+    events: Annotated[int, typer.Option(help="number of interaction events")] = 100_000,
     faults: Annotated[str, typer.Option(help="all | none | a rate such as 0.01")] = "none",
-    seed: int = 42,
+    seed: Annotated[int, typer.Option(help="generator seed (same seed, same data)")] = 42,
 ) -> None:
     """Write a synthetic contract directory (a valid `--data DIR` source)."""
-    from pipeline_tasks.ingest import ingest
+    from pipeline_tasks.data.ingest import ingest
 
     _setup_logging(False)
     disable_telemetry()
@@ -251,10 +254,10 @@ def validate(
     input_dir: Annotated[Path, typer.Argument(help="a contract directory")],
     out_dir: Annotated[Path, typer.Argument(help="where accepted/, quarantine/, report.json, data_docs/ go")],
     as_of: Annotated[str | None, typer.Option(help="ISO-8601 as_of")] = None,
-    quality_threshold: float = 0.95,
+    quality_threshold: Annotated[float, typer.Option(help="minimum accepted share of interactions")] = 0.95,
 ) -> None:
     """Validate a contract directory with the GX suites (no Airflow); exit 1 if the gate fails."""
-    from pipeline_tasks.validate import DataQualityError, ValidationConfig, to_utc, validate_contract_dir
+    from pipeline_tasks.data.validate import DataQualityError, ValidationConfig, to_utc, validate_contract_dir
 
     _setup_logging(False)
     disable_telemetry()
@@ -271,11 +274,12 @@ def validate(
 def split(
     accepted_dir: Annotated[Path, typer.Argument(help="a contract directory of accepted data")],
     out_dir: Annotated[Path, typer.Argument(help="where train/validation/test.parquet and split.json go")],
-    t_val: str | None = None,
-    t_test: str | None = None,
+    t_val: Annotated[str | None, typer.Option(help="explicit validation boundary (ISO-8601; give --t-test too)")]
+    = None,
+    t_test: Annotated[str | None, typer.Option(help="explicit test boundary (ISO-8601)")] = None,
 ) -> None:
     """Time-based split of a contract directory (no Airflow)."""
-    from pipeline_tasks.split import SplitConfig, split_contract_dir
+    from pipeline_tasks.data.split import SplitConfig, split_contract_dir
 
     _setup_logging(False)
     out = split_contract_dir(accepted_dir, out_dir, SplitConfig(t_val=t_val, t_test=t_test))

@@ -19,7 +19,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Before anything imports Airflow: an isolated RECSYS_HOME / AIRFLOW_HOME, telemetry off."""
-    from pipeline_tasks.settings import airflow_env, load_settings
+    from pipeline_tasks.core.settings import airflow_env, load_settings
 
     home = Path(tempfile.mkdtemp(prefix="recsys-test-home-"))
     os.environ["RECSYS_HOME"] = str(home)

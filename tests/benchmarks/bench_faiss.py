@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline_tasks.index import IndexConfig, build_index
+from pipeline_tasks.retrieval.index_build import IndexConfig, build_index
 
 log = logging.getLogger("bench")
 
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--verbose", action="store_true", help="also log each tuning step")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("pipeline_tasks.index").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logging.getLogger("pipeline_tasks.online.index").setLevel(logging.INFO if args.verbose else logging.WARNING)
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(KINDS))

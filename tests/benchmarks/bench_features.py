@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline_tasks.contract import write_contract_dir
+from pipeline_tasks.data.contract import write_contract_dir
 
 log = logging.getLogger("bench")
 
@@ -30,11 +30,11 @@ SYNTHETIC_1M = {"n_users": 20_000, "n_items": 50_000, "n_days": 120, "n_events":
 def _prepare(name: str, directory: Path) -> int:
     """Write the dataset's contract directory; returns its interaction count."""
     if name == "ml100k":
-        from pipeline_tasks.movielens import load_movielens
+        from pipeline_tasks.data.movielens import load_movielens
 
         tables = load_movielens(ML100K)
     elif name == "synthetic_1m":
-        from pipeline_tasks.synthetic import SyntheticConfig, generate
+        from pipeline_tasks.data.synthetic import SyntheticConfig, generate
 
         tables = generate(SyntheticConfig(**SYNTHETIC_1M)).tables
     else:
@@ -50,8 +50,8 @@ def main() -> None:
     parser.add_argument("--master", default="local[*]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    from pipeline_tasks.features import build_features
-    from pipeline_tasks.spark import get_spark
+    from pipeline_tasks.features.snapshots import build_features
+    from pipeline_tasks.features.spark import get_spark
 
     results: dict = {"cores": os.cpu_count(), "master": args.master, "repeats": args.repeats, "datasets": {}}
     t0 = time.perf_counter()

@@ -29,8 +29,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline_tasks import feature_store as fs
-from pipeline_tasks.settings import Settings, disable_telemetry, load_settings
+from pipeline_tasks.core.settings import Settings, disable_telemetry, load_settings
+from pipeline_tasks.features import store as fs_store
+from pipeline_tasks.online import feature_store as fs
 
 log = logging.getLogger("bench")
 
@@ -71,7 +72,7 @@ def synthetic_snapshot(n: int, prefix: str, day: pd.Timestamp, rng: np.random.Ge
 
 def prepare(settings: Settings, n_users: int, n_items: int, days: int) -> None:
     rng = np.random.default_rng(42)
-    with fs.feature_store_lock(settings):
+    with fs_store.feature_store_lock(settings):
         for day in pd.date_range("1998-04-01", periods=days, freq="D", tz="UTC"):
             for table, n, prefix in (("user_features", n_users, "u"), ("item_features", n_items, "i")):
                 df = synthetic_snapshot(n, prefix, day, rng)
@@ -82,8 +83,8 @@ def prepare(settings: Settings, n_users: int, n_items: int, days: int) -> None:
 
 def measure(settings: Settings, args: argparse.Namespace, end_date: str) -> dict[str, Any]:
     t0 = time.perf_counter()
-    fs.apply_repo(settings)
-    out = fs.materialize(end_date, settings)
+    fs_store.apply_repo(settings)
+    out = fs_store.materialize(end_date, settings)
     setup_s = time.perf_counter() - t0
     store = fs.get_store(settings)
     rng = np.random.default_rng(7)

@@ -7,7 +7,7 @@ RUN_DIR is a run directory printed by `recsys run` (it holds `validate/accepted/
 `train_two_tower/metrics.json`). The baselines are fitted exactly as baselines.py does (grid on the
 validation window by NDCG@10, refit on train + validation, score on test) on the run's accepted
 contract directory; every figure gets a 95 % bootstrap CI over test users from
-`pipeline_tasks.metrics` (the project's one metrics implementation, checked here against protocol.py).
+`pipeline_tasks.evaluation.metrics` (the project's one metrics implementation, checked here against protocol.py).
 Needs the `bench` extra (implicit, scipy): `pip install -c constraints.txt -e ".[cpu,dev,bench]"`.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline_tasks.metrics import evaluate, format_metric
+from pipeline_tasks.evaluation.metrics import evaluate, format_metric
 
 log = logging.getLogger("bench_retrieval_quality")
 BENCH = Path(__file__).resolve().parents[3] / "shared" / "bench"

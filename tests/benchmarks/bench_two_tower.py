@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_tasks.content import embed_texts, item_texts
-from pipeline_tasks.split import SplitConfig, time_split
-from pipeline_tasks.two_tower import TwoTowerConfig, fit
+from pipeline_tasks.data.split import SplitConfig, time_split
+from pipeline_tasks.online.two_tower import TwoTowerConfig
+from pipeline_tasks.retrieval.content import embed_texts, item_texts
+from pipeline_tasks.retrieval.two_tower_training import fit
 
 log = logging.getLogger("bench_two_tower")
 
@@ -48,11 +49,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     if a.source == "movielens":
-        from pipeline_tasks.movielens import load_movielens
+        from pipeline_tasks.data.movielens import load_movielens
 
         tables = load_movielens(Path(a.path))
     else:
-        from pipeline_tasks.synthetic import FaultConfig, SyntheticConfig, generate
+        from pipeline_tasks.data.synthetic import FaultConfig, SyntheticConfig, generate
 
         tables = generate(SyntheticConfig(n_users=a.users, n_items=a.items, n_days=a.days, n_events=a.events,
                                           faults=FaultConfig())).tables

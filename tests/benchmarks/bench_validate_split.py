@@ -16,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline_tasks.contract import write_contract_dir
-from pipeline_tasks.settings import disable_telemetry
-from pipeline_tasks.split import SplitConfig, split_contract_dir
-from pipeline_tasks.synthetic import FaultConfig, SyntheticConfig, generate
-from pipeline_tasks.validate import ValidationConfig, validate_contract_dir
+from pipeline_tasks.core.settings import disable_telemetry
+from pipeline_tasks.data.contract import write_contract_dir
+from pipeline_tasks.data.split import SplitConfig, split_contract_dir
+from pipeline_tasks.data.synthetic import FaultConfig, SyntheticConfig, generate
+from pipeline_tasks.data.validate import ValidationConfig, validate_contract_dir
 
 log = logging.getLogger("bench")
 

@@ -48,7 +48,7 @@ def run_recsys():
 @pytest.fixture(scope="session")
 def spark():
     """One local[*] SparkSession shared by every Spark test (a JVM holds a single SparkContext)."""
-    from pipeline_tasks.spark import get_spark
+    from pipeline_tasks.features.spark import get_spark
 
     # Test jobs are small and short: the JVM's quick (C1) JIT beats waiting for its optimising one.
     fast_jvm = {"spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1 -Duser.timezone=UTC"}

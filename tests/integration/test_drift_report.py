@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks import constants
-from pipeline_tasks.contract import write_contract_dir
-from pipeline_tasks.drift import REPORT_HTML, REPORT_JSON, DriftConfig, drift_check_split
-from pipeline_tasks.split import SplitConfig, split_contract_dir
-from pipeline_tasks.synthetic import SyntheticConfig, generate
+from pipeline_tasks.core import constants
+from pipeline_tasks.data.contract import write_contract_dir
+from pipeline_tasks.data.split import SplitConfig, split_contract_dir
+from pipeline_tasks.data.synthetic import SyntheticConfig, generate
+from pipeline_tasks.evaluation.drift import REPORT_HTML, REPORT_JSON, DriftConfig, drift_check_split
 
 pytestmark = pytest.mark.integration
 

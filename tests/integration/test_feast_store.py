@@ -30,8 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_tasks import feature_store as fs
-from pipeline_tasks.settings import Settings, load_settings
+from pipeline_tasks.core.settings import Settings, load_settings
+from pipeline_tasks.features import history
+from pipeline_tasks.features import store as fs_store
+from pipeline_tasks.online import feature_store as fs
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +107,7 @@ def snapshots(days: range | tuple[int, ...] = range(5)) -> tuple[pd.DataFrame, p
 
 def write_snapshots(settings: Settings, users: pd.DataFrame, items: pd.DataFrame) -> None:
     """Write as build_features does: one partition per snapshot_date, replacing that partition."""
-    with fs.feature_store_lock(settings):
+    with fs_store.feature_store_lock(settings):
         for table, df, schema in (("user_features", users, USER_SCHEMA), ("item_features", items, ITEM_SCHEMA)):
             pq.write_to_dataset(pa.Table.from_pandas(df, schema=schema, preserve_index=False),
                                 fs.offline_table_dir(table, settings), partition_cols=["snapshot_date"],
@@ -146,7 +148,7 @@ def pit_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
     with pytest.MonkeyPatch.context() as mp:
         settings = settings_for(tmp_path_factory.mktemp("feast-pit"), mp)
         write_snapshots(settings, *snapshots())
-        fs.apply_repo(settings)
+        fs_store.apply_repo(settings)
         yield settings
 
 
@@ -164,8 +166,8 @@ def test_apply_repo_registers_objects_and_is_idempotent(pit_settings: Settings, 
     assert Path(user_fv.batch_source.path) == fs.offline_table_dir("user_features", pit_settings)
     assert user_fv.ttl == timedelta(days=3)
 
-    with caplog.at_level("INFO", logger="pipeline_tasks.feature_store"):
-        again = fs.apply_repo(pit_settings)
+    with caplog.at_level("INFO", logger="pipeline_tasks.features.store"):
+        again = fs_store.apply_repo(pit_settings)
     assert again["feature_views"] == ["item_stats_fv", "user_stats_fv"]
     assert "No changes to registry" in caplog.text
 
@@ -175,7 +177,7 @@ def test_apply_repo_refuses_settings_that_disagree_with_the_environment(pit_sett
     """feature_repo/ resolves its source paths from RECSYS_HOME; other settings would register wrong paths."""
     other = Settings(home=tmp_path / "elsewhere", artifact_root=tmp_path / "runs")
     with pytest.raises(ValueError, match="export RECSYS_HOME="):
-        fs.apply_repo(other)
+        fs_store.apply_repo(other)
     assert not (other.feature_store_dir / "registry.db").exists()
 
 
@@ -185,7 +187,7 @@ def test_training_set_is_point_in_time_correct(pit_store: Any) -> None:
     at = [day + pd.Timedelta(hours=12), end_of_day(day), end_of_day(day) - pd.Timedelta(microseconds=1)]
     rows = pd.DataFrame({"user_id": "u_change", "item_id": "i_pop", "event_timestamp": at, "label": [1, 0, 1]})
 
-    out = fs.training_set(rows, "ranker_v1", store=pit_store)
+    out = history.training_set(rows, "ranker_v1", store=pit_store)
 
     # Mid-day 2: day 1's snapshot (day 2's is stamped at the end of day 2; days 3-4 come later).
     assert out["user_total_interactions"].tolist() == [user_row("u_change", 1)["user_total_interactions"],
@@ -216,7 +218,7 @@ def test_training_set_keeps_every_requested_row_in_order(pit_store: Any) -> None
         index=[70, 10, 60, 20, 50, 30, 40, 0],
     )
 
-    out = fs.training_set(requests, "ranker_v1", store=pit_store)
+    out = history.training_set(requests, "ranker_v1", store=pit_store)
 
     assert len(out) == len(requests)
     assert out.index.tolist() == requests.index.tolist()
@@ -239,9 +241,10 @@ def test_training_set_keeps_every_requested_row_in_order(pit_store: Any) -> None
 
 def test_training_set_rejects_incomplete_entity_rows(pit_store: Any) -> None:
     with pytest.raises(ValueError, match="missing \\['event_timestamp'\\]"):
-        fs.training_set(pd.DataFrame({"user_id": ["u_change"], "item_id": ["i_pop"]}), "ranker_v1", store=pit_store)
+        history.training_set(pd.DataFrame({"user_id": ["u_change"], "item_id": ["i_pop"]}), "ranker_v1",
+                             store=pit_store)
     with pytest.raises(ValueError, match="1 entity rows have a null"):
-        fs.training_set(pd.DataFrame({"user_id": [None], "item_id": ["i_pop"], "event_timestamp": [DAYS[2]]}),
+        history.training_set(pd.DataFrame({"user_id": [None], "item_id": ["i_pop"], "event_timestamp": [DAYS[2]]}),
                         "ranker_v1", store=pit_store)
 
 
@@ -251,7 +254,8 @@ def test_training_set_stage_writes_parquet(pit_settings: Settings, tmp_path: Pat
                              "event_timestamp": [DAYS[4] + pd.Timedelta(hours=1)] * 3, "label": [1, 0, 1]})
     requests.to_parquet(entity_path)
 
-    out = fs.training_set_stage(entity_path, tmp_path / "out", feature_service="two_tower_v1", settings=pit_settings)
+    out = history.training_set_stage(entity_path, tmp_path / "out", feature_service="two_tower_v1",
+                                     settings=pit_settings)
 
     written = pd.read_parquet(out["training_set"])
     assert out["rows"] == out["entity_rows"] == len(written) == 3
@@ -285,11 +289,11 @@ def test_materialize_online_matches_latest_offline(profile: str, tmp_path: Path,
     client = _redis_client() if profile == "production" else None
     try:
         write_snapshots(settings, *snapshots(range(4)))
-        fs.apply_repo(settings)
+        fs_store.apply_repo(settings)
         store = fs.get_store(settings)
         assert store.config.online_store.type == ("redis" if profile == "production" else "sqlite")
 
-        first = fs.materialize(DAYS[3].date(), settings)
+        first = fs_store.materialize(DAYS[3].date(), settings)
         assert {v["mode"] for v in first["feature_views"].values()} == {"initial"}
         # The interval comes from the data: end of day 3 minus the 3-day TTL, not from the wall clock.
         assert first["feature_views"]["user_stats_fv"]["start"] == (DAYS[4] - pd.Timedelta(days=3)).isoformat()
@@ -300,12 +304,12 @@ def test_materialize_online_matches_latest_offline(profile: str, tmp_path: Path,
         _assert_online_is_latest_offline(settings, DAYS[3], since)
 
         write_snapshots(settings, *snapshots((4,)))  # the next day's job
-        second = fs.materialize(DAYS[4].strftime("%Y-%m-%d"), settings)
+        second = fs_store.materialize(DAYS[4].strftime("%Y-%m-%d"), settings)
         assert {v["mode"] for v in second["feature_views"].values()} == {"incremental"}
         assert second["feature_views"]["user_stats_fv"]["entities"] == 3  # u_change, u_late, u_sparse
         _assert_online_is_latest_offline(settings, DAYS[4], since)
 
-        rerun = fs.materialize(DAYS[2].date(), settings)  # an older re-run never puts older values back
+        rerun = fs_store.materialize(DAYS[2].date(), settings)  # an older re-run never puts older values back
         assert {v["mode"] for v in rerun["feature_views"].values()} == {"up_to_date"}
         _assert_online_is_latest_offline(settings, DAYS[4], since)
     finally:

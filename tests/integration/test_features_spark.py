@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_tasks.contract import (
+from pipeline_tasks.data.contract import (
     ContractTables,
     empty_users,
     normalise_interactions,
@@ -110,7 +110,7 @@ FAST_JVM = "-XX:TieredStopAtLevel=1 -Duser.timezone=UTC"  # a short job: quick J
 
 @pytest.fixture(scope="module")
 def synthetic_contract(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline_tasks.synthetic import SyntheticConfig, generate
+    from pipeline_tasks.data.synthetic import SyntheticConfig, generate
 
     directory = tmp_path_factory.mktemp("synthetic_contract")
     write_contract_dir(generate(SyntheticConfig(**SYNTHETIC)).tables, directory)
@@ -119,7 +119,7 @@ def synthetic_contract(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """``python -m pipeline_tasks.features --master local-cluster[2,1,1024]`` in a subprocess, started
+    """``python -m pipeline_tasks.features.snapshots --master local-cluster[2,1,1024]`` in a subprocess, started
     before the other tests (when the test that needs it is selected) so that its JVMs boot meanwhile.
 
     It also runs with another number of shuffle partitions than the local session: the output
@@ -136,7 +136,7 @@ def cluster_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
             "spark.sql.shuffle.partitions": "3"}
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline_tasks.features", "--master", "local-cluster[2,1,1024]",
+            [sys.executable, "-m", "pipeline_tasks.features.snapshots", "--master", "local-cluster[2,1,1024]",
              *(arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")), str(contract), str(out)],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
         )
@@ -151,7 +151,7 @@ def cluster_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="module")
 def tiny(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from pipeline_tasks.features import build_features
+    from pipeline_tasks.features.snapshots import build_features
 
     contract = _contract(EVENTS, ITEMS, tmp_path_factory.mktemp("tiny_contract"))
     out = tmp_path_factory.mktemp("tiny_features")
@@ -256,7 +256,7 @@ def test_reads_timestamps_exactly(spark, tmp_path: Path) -> None:
     into the next day), before 1970 too."""
     from pyspark.sql import functions as sf
 
-    from pipeline_tasks.features import read_contract_tables
+    from pipeline_tasks.features.snapshots import read_contract_tables
 
     times = ["2025-01-03T23:59:59.999999999Z", "2025-06-30T12:34:56.789012345Z", "1969-12-31T23:59:59.999999500Z"]
     contract = _contract([("u", "i", t, "view") for t in times], [("i", "a", times[1])], tmp_path)
@@ -269,7 +269,7 @@ def test_reads_timestamps_exactly(spark, tmp_path: Path) -> None:
 
 def test_item_windows(spark) -> None:
     """30-day and 7-day windows count events in (event_timestamp - N days, event_timestamp)."""
-    from pipeline_tasks.features import compute_item_features
+    from pipeline_tasks.features.snapshots import compute_item_features
 
     ts = pd.to_datetime(["2025-01-01T12:00Z", "2025-01-11T12:00Z", "2025-02-10T12:00Z"])
     inter = spark.createDataFrame(pd.DataFrame({"user_id": ["u", "v", "w"], "item_id": "x", "timestamp": ts,
@@ -287,7 +287,7 @@ def test_item_windows(spark) -> None:
 
 def test_rerun_is_idempotent(spark, tiny: dict) -> None:
     """Re-running into the same directory rewrites the same days: same rows, no duplicates."""
-    from pipeline_tasks.features import build_features
+    from pipeline_tasks.features.snapshots import build_features
 
     out = tiny["out"]
     files_before = {t: _files(out / t) for t in ("user_features", "item_features")}
@@ -304,7 +304,7 @@ def test_rerun_is_idempotent(spark, tiny: dict) -> None:
 def test_point_in_time_and_partial_rerun(spark, tiny: dict, tmp_path: Path) -> None:
     """Events at or after a row's event_timestamp never change it (one just before does); a run up
     to an earlier end_date rewrites only its own days and leaves the later ones alone."""
-    from pipeline_tasks.features import build_features
+    from pipeline_tasks.features.snapshots import build_features
 
     later = [
         ("u1", "i4", "2025-01-04T00:00:00Z", "view"),  # exactly the event_timestamp of day C's rows
@@ -338,7 +338,7 @@ def test_point_in_time_and_partial_rerun(spark, tiny: dict, tmp_path: Path) -> N
 
 def test_local_cluster_matches_local(spark, synthetic_contract: Path, cluster_run: dict, tmp_path: Path) -> None:
     """The same job on local-cluster[2,1,1024] (two executor JVMs) writes exactly the local[*] output."""
-    from pipeline_tasks.features import build_features
+    from pipeline_tasks.features.snapshots import build_features
 
     local = build_features(spark, synthetic_contract, tmp_path)
     proc = cluster_run["proc"]

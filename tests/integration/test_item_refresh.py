@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks.index import IndexChecksumError, load_index
+from pipeline_tasks.online.index import IndexChecksumError, load_index
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def _catalog_source(src: Path, seed: int = 5) -> pd.DataFrame:
 
 
 def test_refresh_makes_new_items_retrievable(run_recsys, tmp_path):
-    from pipeline_tasks.two_tower import load_model
+    from pipeline_tasks.online.two_tower import load_model
 
     src = tmp_path / "catalog_source"
     items = _catalog_source(src)

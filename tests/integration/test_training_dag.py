@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from pipeline_tasks.cli import _json_lines
-from pipeline_tasks.ingest import synthetic_config
-from pipeline_tasks.synthetic import generate
+from pipeline_tasks.data.ingest import synthetic_config
+from pipeline_tasks.data.synthetic import generate
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +120,7 @@ def _check_retrieval(run, ml100k):
     """The two-tower stage followed the protocol on the real split and the index serves the whole catalog."""
     import mlflow
 
-    from pipeline_tasks.index import load_index
+    from pipeline_tasks.online.index import load_index
 
     metrics = _read_json(run.run_dir / "train_two_tower" / "metrics.json")
     assert metrics["test_users"] == 90 and metrics["items"] == 1682  # DATA_CONTRACT.md: 90 test users
@@ -150,7 +150,7 @@ def _check_retrieval(run, ml100k):
 
 
 def test_csv_contract_directory(run_recsys, tmp_path, ml100k):
-    from pipeline_tasks.movielens import load_movielens
+    from pipeline_tasks.data.movielens import load_movielens
 
     tables = load_movielens(ml100k)
     src = tmp_path / "csv_source"

@@ -8,21 +8,36 @@ from typer.testing import CliRunner
 from pipeline_tasks.cli import app
 
 runner = CliRunner()
-COMMANDS = ["run", "ui", "env", "generate", "validate", "split"]
+COMMANDS = ["run", "refresh", "ui", "env", "generate", "validate", "split"]
+
+
+def _click_commands() -> dict:
+    import typer
+
+    return typer.main.get_command(app).commands
 
 
 def test_top_level_help_lists_every_command():
-    res = runner.invoke(app, ["--help"])
+    assert sorted(_click_commands()) == sorted(COMMANDS), "a command was added or removed: update COMMANDS"
+    res = runner.invoke(app, ["--help"], terminal_width=200)
     assert res.exit_code == 0
-    for cmd in COMMANDS:
-        assert cmd in res.output
+    for name, cmd in _click_commands().items():
+        summary = (cmd.help or "").strip().splitlines()[0]
+        assert summary, f"`recsys {name}` has no docstring"
+        assert name in res.output and summary[:40] in res.output, f"`recsys --help` does not list {name}"
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_every_command_has_help(cmd):
-    res = runner.invoke(app, [cmd, "--help"])
+    """Each command's help shows its summary and documents every option it takes."""
+    res = runner.invoke(app, [cmd, "--help"], terminal_width=200)
     assert res.exit_code == 0, res.output
-    assert "Usage" in res.output and len(res.output) > 100
+    command = _click_commands()[cmd]
+    assert "Usage" in res.output and (command.help or "").strip().splitlines()[0][:40] in res.output
+    for param in command.params:
+        if param.param_type_name == "option":
+            assert param.opts[0] in res.output, f"`recsys {cmd} --help` does not show {param.opts[0]}"
+            assert param.help, f"`recsys {cmd}` option {param.opts[0]} has no help text"
 
 
 def test_env_prints_airflow_home_under_recsys_home(monkeypatch, tmp_path):

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks import content
-from pipeline_tasks.content import CONTENT_DIM, INSTALL_HINT, embed_texts, item_texts, minilm_available
+from pipeline_tasks.retrieval import content
+from pipeline_tasks.retrieval.content import CONTENT_DIM, INSTALL_HINT, embed_texts, item_texts, minilm_available
 
 SPACE_A = "Interstellar (2014). Genres: Sci-Fi, Adventure. Astronauts travel through a wormhole near Saturn."
 SPACE_B = "Star Voyage (1998). Genres: Sci-Fi. A starship crew explores distant galaxies and alien planets."
@@ -116,7 +116,7 @@ def test_auto_falls_back_to_hashed_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(content, "minilm_available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="pipeline_tasks.content"):
+    with caplog.at_level(logging.WARNING, logger="pipeline_tasks.retrieval.content"):
         vectors, method = embed_texts(TEXTS, method="auto")
     assert method == "hashed"
     np.testing.assert_array_equal(vectors, embed_texts(TEXTS, method="hashed")[0])

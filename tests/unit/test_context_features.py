@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks.context_features import CONTEXT_FEATURE_COLUMNS, context_features
+from pipeline_tasks.online.context_features import CONTEXT_FEATURE_COLUMNS, context_features
 
 
 def _requests(times: list, device: list | None = None, location: list | None = None, **kw) -> pd.DataFrame:

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks.constants import ITEM_COLUMNS, USER_COLUMNS
-from pipeline_tasks.contract import (
+from pipeline_tasks.core.constants import ITEM_COLUMNS, USER_COLUMNS
+from pipeline_tasks.data.contract import (
     RAW_TIMESTAMP,
     RAW_VALUE,
     ContractError,

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks import constants
-from pipeline_tasks.drift import (
+from pipeline_tasks.core import constants
+from pipeline_tasks.data.split import SplitConfig, time_split
+from pipeline_tasks.data.synthetic import SyntheticConfig, generate
+from pipeline_tasks.evaluation.drift import (
     FEATURES,
     MISSING,
     DriftConfig,
@@ -30,8 +32,6 @@ from pipeline_tasks.drift import (
     skip_reason,
     user_day_activity,
 )
-from pipeline_tasks.split import SplitConfig, time_split
-from pipeline_tasks.synthetic import SyntheticConfig, generate
 
 # 8 full weeks; the test window (newest 10 %) holds about 3,000 events, the train window 24,000.
 SMALL = SyntheticConfig(n_users=500, n_items=1000, n_days=56, n_events=30_000)
@@ -151,7 +151,7 @@ def test_empty_window_is_an_error(base: Windows, tmp_path: Path):
 # --- drift, with Evidently -------------------------------------------------------------------------
 
 def test_popularity_moving_to_other_items_is_flagged(base: Windows, tmp_path: Path, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline_tasks.drift"):
+    with caplog.at_level(logging.WARNING, logger="pipeline_tasks.evaluation.drift"):
         out, report = run(base, popular_to_tail(base.reference, base.current), tmp_path)
     assert "item_popularity" in out["flagged"], psi_table(report)
     assert report["features"]["item_popularity"]["flagged"]

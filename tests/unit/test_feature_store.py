@@ -1,4 +1,4 @@
-"""Pure helpers of pipeline_tasks.feature_store: config rendering, time bounds, alignment, the lock.
+"""Pure helpers of pipeline_tasks.features.store: config rendering, time bounds, alignment, the lock.
 
 None of these imports Feast (it takes seconds); the real repo is exercised in
 tests/integration/test_feature_store.py.
@@ -15,8 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline_tasks import feature_store as fs
-from pipeline_tasks.settings import Settings
+from pipeline_tasks.core.settings import Settings
+from pipeline_tasks.features import history
+from pipeline_tasks.features import store as fs_store
+from pipeline_tasks.online import feature_store as fs
 
 
 def make_settings(home: Path, profile: str = "embedded", **extra: str) -> Settings:
@@ -86,7 +88,7 @@ def test_offline_table_dirs(tmp_path: Path) -> None:
 ])
 def test_materialize_end(given: object, expected: datetime) -> None:
     """A day means the whole day, so it includes that day's snapshot stamped at its end."""
-    end = fs.materialize_end(given)  # type: ignore[arg-type]
+    end = fs_store.materialize_end(given)  # type: ignore[arg-type]
     assert end == expected
     assert end.tzinfo is not None and end.utcoffset() == timedelta(0)
 
@@ -111,7 +113,7 @@ def test_align_to_requests_keeps_order_duplicates_and_missing_rows() -> None:
         "f": [10.0, 30.0],
         "g": ["x", "y"],
     })
-    out = fs.align_to_requests(requests, features, ["user_id"], ["f", "g"])
+    out = history.align_to_requests(requests, features, ["user_id"], ["f", "g"])
     assert out.index.tolist() == [9, 7, 5, 3, 1]
     pd.testing.assert_frame_equal(out[requests.columns], requests)
     assert out["f"].tolist()[:2] == [30.0, 10.0] and out["f"].isna().tolist() == [False, False, True, False, True]
@@ -126,14 +128,14 @@ def test_align_to_requests_matches_naive_utc_other_units_and_non_string_keys() -
         .as_unit("us").tz_convert("Europe/Paris"),
         "f": [2, 1],
     })
-    out = fs.align_to_requests(requests, features, ["item_id"], ["f"])
+    out = history.align_to_requests(requests, features, ["item_id"], ["f"])
     assert out["f"].tolist() == [1, 2]
 
 
 def test_align_to_requests_refuses_to_overwrite_caller_columns() -> None:
     requests = pd.DataFrame({"user_id": ["a"], "event_timestamp": [_ts("2024-01-01")], "f": [1]})
     with pytest.raises(ValueError, match=r"\['f'\]"):
-        fs.align_to_requests(requests, requests, ["user_id"], ["f"])
+        history.align_to_requests(requests, requests, ["user_id"], ["f"])
 
 
 def test_with_dtypes_is_stable_with_and_without_nulls() -> None:
@@ -161,10 +163,10 @@ def _try_flock(path: Path) -> bool:
 
 def test_lock_excludes_other_processes_and_is_reentrant(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    with fs.feature_store_lock(settings) as path:
+    with fs_store.feature_store_lock(settings) as path:
         assert path == settings.feature_store_dir / ".lock"
         assert not _try_flock(path)
-        with fs.feature_store_lock(settings):  # apply inside a caller's locked block must not deadlock
+        with fs_store.feature_store_lock(settings):  # apply inside a caller's locked block must not deadlock
             assert not _try_flock(path)
         assert not _try_flock(path)
         assert '"pid"' in path.read_text()
@@ -177,7 +179,7 @@ def test_lock_times_out_with_a_useful_message(tmp_path: Path) -> None:
     path.parent.mkdir(parents=True)
     with open(path, "a+") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        with pytest.raises(TimeoutError, match="still held after"), fs.feature_store_lock(settings, timeout=0.3):
+        with pytest.raises(TimeoutError, match="still held after"), fs_store.feature_store_lock(settings, timeout=0.3):
             pass
 
 
@@ -188,7 +190,7 @@ def test_lock_serialises_threads(tmp_path: Path) -> None:
 
     def work() -> None:
         for _ in range(20):
-            with fs.feature_store_lock(settings):
+            with fs_store.feature_store_lock(settings):
                 inside.append(1)
                 overlaps.append(len(inside) > 1)
                 inside.pop()

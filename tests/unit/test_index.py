@@ -19,15 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks.index import (
-    IndexChecksumError,
-    IndexConfig,
-    ItemIndex,
-    add_items,
-    build_index,
-    file_sha256,
-    load_index,
-)
+from pipeline_tasks.online.index import IndexChecksumError, ItemIndex, file_sha256, load_index
+from pipeline_tasks.retrieval.index_build import IndexConfig, add_items, build_index
 
 DIM = 64
 N_CENTRES = 300
@@ -194,7 +187,7 @@ def test_unreachable_target_is_recorded_and_warned(caplog: pytest.LogCaptureFixt
     x, q = mixture(20_000, seed=5), mixture(50, seed=6)
     cfg = IndexConfig(kind="hnsw", target_recall=1.0, k=K, max_tuning_queries=50, latency_queries=20, hnsw_m=2,
                       hnsw_ef_construction=8)
-    with caplog.at_level(logging.WARNING, logger="pipeline_tasks.index"):
+    with caplog.at_level(logging.WARNING, logger="pipeline_tasks.online.index"):
         meta = build_index(x, ids_for(len(x)), q, tmp_path, cfg)
     assert meta["target_reached"] is False and meta["recall_at_k"] < 1.0
     assert meta["ef_search"] >= K

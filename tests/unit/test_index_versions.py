@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline_tasks.item_refresh import _valid_ids, catalog_items, current_index, publish, refresh_items, version_dir
-from pipeline_tasks.settings import load_settings
+from pipeline_tasks.core.settings import load_settings
+from pipeline_tasks.online.index import current_index, version_dir
+from pipeline_tasks.retrieval.refresh import _valid_ids, catalog_items, publish, refresh_items
 
 
 def test_invalid_and_duplicate_item_ids_are_rejected_with_a_reason():

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks.metrics import evaluate, format_metric, per_user_metrics, targets, top_k_unseen
+from pipeline_tasks.evaluation.metrics import evaluate, format_metric, per_user_metrics, targets, top_k_unseen
 
 BENCH = Path(__file__).resolve().parents[3] / "shared" / "bench"
 K10 = ("ndcg@10", "precision@10", "hit@10", "map@10")

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks.constants import USER_COLUMNS
-from pipeline_tasks.contract import ContractError, ContractTables
-from pipeline_tasks.movielens import detect_format, load_movielens
+from pipeline_tasks.core.constants import USER_COLUMNS
+from pipeline_tasks.data.contract import ContractError, ContractTables
+from pipeline_tasks.data.movielens import detect_format, load_movielens
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -7,8 +7,16 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline_tasks.contract import ContractTables, normalise_interactions, normalise_items, write_contract_dir
-from pipeline_tasks.runs import MANIFEST, run_dir, run_stage, safe_run_id, snapshot_hash, start_run, update_manifest
+from pipeline_tasks.core.runs import (
+    MANIFEST,
+    run_dir,
+    run_stage,
+    safe_run_id,
+    snapshot_hash,
+    start_run,
+    update_manifest,
+)
+from pipeline_tasks.data.contract import ContractTables, normalise_interactions, normalise_items, write_contract_dir
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipeline_tasks.contract import write_contract_dir
-from pipeline_tasks.movielens import load_movielens
-from pipeline_tasks.split import SplitConfig, boundaries, split_contract_dir, time_split
+from pipeline_tasks.data.contract import write_contract_dir
+from pipeline_tasks.data.movielens import load_movielens
+from pipeline_tasks.data.split import SplitConfig, boundaries, split_contract_dir, time_split
 
 BENCH = Path(__file__).resolve().parents[3] / "shared" / "bench"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks import constants
-from pipeline_tasks.synthetic import (
+from pipeline_tasks.core import constants
+from pipeline_tasks.data.synthetic import (
     DEVICES,
     FAULT_CLASSES,
     FaultConfig,

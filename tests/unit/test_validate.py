@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pandas as pd
 import pytest
 
-from pipeline_tasks.contract import ContractTables, normalise_interactions, normalise_items, normalise_users
-from pipeline_tasks.validate import (
+from pipeline_tasks.data.contract import ContractTables, normalise_interactions, normalise_items, normalise_users
+from pipeline_tasks.data.validate import (
     DataQualityError,
     ValidationConfig,
     detect_spikes,

@@ -10,14 +10,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.contract import ContractError, ContractTables, read_contract_dir, write_contract_dir
+from pipeline_tasks.data.contract import ContractError, ContractTables, read_contract_dir, write_contract_dir
 
 log = logging.getLogger(__name__)
 
 
 def synthetic_config(options: dict[str, Any]) -> Any:
     """A SyntheticConfig from plain options (DAG params / CLI); ``faults`` is "all", "none" or a dict."""
-    from pipeline_tasks.synthetic import FaultConfig, SyntheticConfig
+    from pipeline_tasks.data.synthetic import FaultConfig, SyntheticConfig
 
     opts = dict(options)
     faults = opts.pop("faults", None)
@@ -44,11 +44,11 @@ def load_source(source: str, synthetic: dict[str, Any] | None = None) -> Contrac
     ``"all"``, a dict of FaultConfig fields, or absent).
     """
     if source == "synthetic":
-        from pipeline_tasks.synthetic import generate
+        from pipeline_tasks.data.synthetic import generate
 
         return generate(synthetic_config(synthetic or {})).tables
     if source.startswith("movielens:"):
-        from pipeline_tasks.movielens import load_movielens
+        from pipeline_tasks.data.movielens import load_movielens
 
         return load_movielens(Path(source.removeprefix("movielens:")).expanduser())
     path = Path(source).expanduser()

@@ -23,23 +23,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks.constants import ITEM_ID
-from pipeline_tasks.settings import Settings, load_settings
+from pipeline_tasks.core.constants import ITEM_ID
+from pipeline_tasks.core.settings import Settings, load_settings
+from pipeline_tasks.online.index import CURRENT, current_index, version_dir
 
 log = logging.getLogger(__name__)
 
-CURRENT = "current.json"
 LOCK_TIMEOUT_S = 3600.0
 
 
 @contextlib.contextmanager
 def index_lock(settings: Settings | None = None, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Path]:
     """Hold the index writers' lock (``$RECSYS_HOME/indexes/.lock``) across processes."""
-    from pipeline_tasks.feature_store import _acquire_file_lock
+    from pipeline_tasks.core.locks import acquire_file_lock
 
     settings = settings or load_settings()
     path = settings.index_dir / ".lock"
-    fh = _acquire_file_lock(path, timeout, what="index", writers="build_index / item refresh")
+    fh = acquire_file_lock(path, timeout, what="index", writers="build_index / item refresh")
     try:
         yield path
     finally:
@@ -47,22 +47,11 @@ def index_lock(settings: Settings | None = None, timeout: float = LOCK_TIMEOUT_S
         fh.close()
 
 
-def current_index(settings: Settings | None = None) -> dict[str, Any] | None:
-    """The pointer to the serving index version, or None before the first ``build_index``."""
-    path = (settings or load_settings()).index_dir / CURRENT
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _write_current(pointer: dict[str, Any], settings: Settings) -> None:
     path = settings.index_dir / CURRENT
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(pointer, indent=2, default=str))
     tmp.replace(path)
-
-
-def version_dir(model_key: str, version: int, settings: Settings | None = None) -> Path:
-    """``$RECSYS_HOME/indexes/<model_key>/v0001``."""
-    return (settings or load_settings()).index_dir / model_key / f"v{version:04d}"
 
 
 def publish(pointer: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
@@ -76,8 +65,8 @@ def publish(pointer: dict[str, Any], settings: Settings | None = None) -> dict[s
 
 def catalog_items(source: str) -> pd.DataFrame:
     """The catalog's items table from a data source (a contract directory, an items file, or a built-in source)."""
-    from pipeline_tasks.contract import normalise_items
-    from pipeline_tasks.ingest import load_source
+    from pipeline_tasks.data.contract import normalise_items
+    from pipeline_tasks.data.ingest import load_source
 
     path = Path(source)
     if path.is_file():
@@ -88,7 +77,7 @@ def catalog_items(source: str) -> pd.DataFrame:
 
 def _item_id_rule() -> re.Pattern[str]:
     """The contract's id rule as the items suite states it (``expectations/items.json``): one definition."""
-    from pipeline_tasks.validate import load_suite
+    from pipeline_tasks.data.validate import load_suite
 
     for exp in load_suite("items")["expectations"]:
         if exp["meta"].get("reason") == "invalid_item_id":
@@ -112,9 +101,10 @@ def refresh_items(out_dir: str | Path, source: str | None = None, settings: Sett
     ``source`` defaults to the data source of the training run that built the current model.
     No new items: nothing is written and the current version stays.
     """
-    from pipeline_tasks.content import embed_texts, item_texts
-    from pipeline_tasks.index import add_items, load_index
-    from pipeline_tasks.two_tower import load_model
+    from pipeline_tasks.online.index import load_index
+    from pipeline_tasks.online.two_tower import load_model
+    from pipeline_tasks.retrieval.content import embed_texts, item_texts
+    from pipeline_tasks.retrieval.index_build import add_items
 
     settings = settings or load_settings()
     out = Path(out_dir)

@@ -1,7 +1,7 @@
 """The canonical data contract: read, normalise and write the three tables.
 
 Normalisation changes types only (string ids, UTC timestamps, floats); it never drops a row.
-Deciding which rows are valid is the job of :mod:`pipeline_tasks.validate`.
+Deciding which rows are valid is the job of :mod:`pipeline_tasks.data.validate`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks.constants import (
+from pipeline_tasks.core.constants import (
     ITEM_COLUMNS,
     ITEM_ID,
     REQUIRED_TABLES,

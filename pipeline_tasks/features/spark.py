@@ -17,7 +17,7 @@ from pathlib import Path
 from pyspark import SparkContext
 from pyspark.sql import SparkSession
 
-from pipeline_tasks.settings import Settings, load_settings
+from pipeline_tasks.core.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline_tasks.constants import TABLES
-from pipeline_tasks.settings import Settings, load_settings, project_root
+from pipeline_tasks.core.constants import TABLES
+from pipeline_tasks.core.settings import Settings, load_settings, project_root
 
 log = logging.getLogger(__name__)
 

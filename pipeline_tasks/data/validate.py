@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks.constants import (
+from pipeline_tasks.core.constants import (
     DEFAULT_BOT_EVENTS_PER_DAY,
     DEFAULT_HORIZON_DAYS,
     DEFAULT_QUALITY_THRESHOLD,
@@ -37,7 +37,7 @@ from pipeline_tasks.constants import (
     USER_DAY_EVENTS,
     USER_ID,
 )
-from pipeline_tasks.contract import (
+from pipeline_tasks.data.contract import (
     RAW_TIMESTAMP,
     RAW_VALUE,
     ContractTables,
@@ -59,7 +59,7 @@ class DataQualityError(RuntimeError):
 
 def expectations_dir() -> Path:
     """The folder holding the GX suites (``expectations/`` at the project root)."""
-    return Path(__file__).resolve().parents[1] / "expectations"
+    return Path(__file__).resolve().parents[2] / "expectations"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Request-time context features: one pure function shared by training-set assembly and serving.
 
-The feature tables (``pipeline_tasks.features``) describe a user or an item as of the end of a
+The feature tables (``pipeline_tasks.features.snapshots``) describe a user or an item as of the end of a
 day; this module adds what only the request knows (its time, device and location) and the
 user x item cross features, from the same rows in both places, so training and serving cannot
 drift apart. pandas/numpy only: no Spark, no Feast.

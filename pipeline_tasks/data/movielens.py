@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks.contract import (
+from pipeline_tasks.data.contract import (
     ContractError,
     ContractTables,
     normalise_interactions,

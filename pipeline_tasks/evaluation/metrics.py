@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks.constants import ITEM_ID, SEED, USER_ID
+from pipeline_tasks.core.constants import ITEM_ID, SEED, USER_ID
 
 log = logging.getLogger(__name__)
 

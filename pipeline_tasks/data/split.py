@@ -16,9 +16,9 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline_tasks.constants import DEFAULT_SPLIT, TIMESTAMP, USER_ID
-from pipeline_tasks.contract import read_contract_dir
-from pipeline_tasks.validate import to_utc
+from pipeline_tasks.core.constants import DEFAULT_SPLIT, TIMESTAMP, USER_ID
+from pipeline_tasks.data.contract import read_contract_dir
+from pipeline_tasks.data.validate import to_utc
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ Spark, and every ratio is one division of such integers, so the output is bit-id
 master and partitioning. Lists are sorted explicitly. No Python UDFs. Each entity is shuffled
 once (by its id); the dense days come from ``explode(sequence(...))`` between event days.
 
-Run as a script: ``python -m pipeline_tasks.features [--master URL] [--end-date D] CONTRACT_DIR OUT_DIR``.
+Run as a script: ``python -m pipeline_tasks.features.snapshots [--master URL] [--end-date D] CONTRACT_DIR OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as sf
 from pyspark.sql.types import LongType, TimestampNTZType, TimestampType
 
-from pipeline_tasks.constants import EVENT_TYPE, ITEM_ID, TIMESTAMP, UNKNOWN_CATEGORY, USER_ID
+from pipeline_tasks.core.constants import EVENT_TYPE, ITEM_ID, TIMESTAMP, UNKNOWN_CATEGORY, USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -514,8 +514,9 @@ def build_features(spark: SparkSession, contract_dir: str | Path, out_dir: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline_tasks.features``: run :func:`build_features`, print its result as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline_tasks.features", description=__doc__.split("\n")[0])
+    """``python -m pipeline_tasks.features.snapshots``: run :func:`build_features`, print its result as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline_tasks.features.snapshots",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("contract_dir", help="directory with interactions.parquet and items.parquet")
     parser.add_argument("out_dir", help="where user_features/ and item_features/ are written")
     parser.add_argument("--master", default=None, help="Spark master URL (default: RECSYS_SPARK_MASTER or local[*])")
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="extra Spark setting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline_tasks.spark import get_spark
+    from pipeline_tasks.features.spark import get_spark
 
     conf = dict(item.split("=", 1) for item in args.conf)
     spark = get_spark(master=args.master, app_name="recsys-build-features", conf=conf)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline_tasks.settings import Settings, disable_telemetry, load_settings
+from pipeline_tasks.core.settings import Settings, disable_telemetry, load_settings
 
 log = logging.getLogger(__name__)
 

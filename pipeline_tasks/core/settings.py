@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline_tasks.constants import (
+from pipeline_tasks.core.constants import (
     DEFAULT_BOT_EVENTS_PER_DAY,
     DEFAULT_HORIZON_DAYS,
     DEFAULT_QUALITY_THRESHOLD,
@@ -110,7 +110,7 @@ def disable_telemetry(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def project_root() -> Path:
     """The repository root (``dags/``, ``expectations/``, ``feature_repo/`` live there)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def airflow_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks import constants
-from pipeline_tasks.contract import normalise_interactions, normalise_items
+from pipeline_tasks.core import constants
+from pipeline_tasks.data.contract import normalise_interactions, normalise_items
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks.constants import ITEM_ID, SEED, TIMESTAMP, USER_ID
-from pipeline_tasks.two_tower import TwoTowerConfig, TwoTowerModel, Window, fit, grid_configs, recommend
+from pipeline_tasks.core.constants import ITEM_ID, SEED, TIMESTAMP, USER_ID
+from pipeline_tasks.online.two_tower import TwoTowerConfig, TwoTowerModel
+from pipeline_tasks.retrieval.two_tower_training import Window, fit, grid_configs, recommend
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def load_split(split_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Da
 def popularity_recs(history: pd.DataFrame, user_ids: Sequence[str], item_ids: Sequence[str],
                     k: int) -> dict[str, list[str]]:
     """Most-interacted items of ``history`` (distinct users), minus each user's seen items."""
-    from pipeline_tasks.metrics import top_k_unseen
+    from pipeline_tasks.evaluation.metrics import top_k_unseen
 
     index = {v: i for i, v in enumerate(item_ids)}
     pairs = history.drop_duplicates([USER_ID, ITEM_ID])
@@ -91,8 +92,8 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
                     training_set: str | Path | None = None, snapshot: SnapshotFn | None = None) -> dict[str, Any]:
     """Train, select, refit and score the two-tower and MF models; write the refit two-tower to
     ``out_dir/model``, metrics to ``out_dir/metrics.json`` and held-out user embeddings for the index."""
-    from pipeline_tasks.content import embed_texts, item_texts
-    from pipeline_tasks.metrics import evaluate, targets
+    from pipeline_tasks.evaluation.metrics import evaluate, targets
+    from pipeline_tasks.retrieval.content import embed_texts, item_texts
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks.constants import SEED, UNKNOWN_CATEGORY
+from pipeline_tasks.core.constants import SEED, UNKNOWN_CATEGORY
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import pandas as pd
 
-from pipeline_tasks import constants
-from pipeline_tasks.contract import ContractTables, normalise_interactions, normalise_items, normalise_users
+from pipeline_tasks.core import constants
+from pipeline_tasks.data.contract import ContractTables, normalise_interactions, normalise_items, normalise_users
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,106 @@
+"""Retrieval stages: train the two-tower model (and MF), build and publish the FAISS index, the item refresh."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline_tasks.core.runs import run_dir, run_stage, safe_run_id, start_run
+from pipeline_tasks.features.history import snapshot_at, snapshot_rows
+from pipeline_tasks.stages.common import resolve_params
+
+
+def train_two_tower_stage(run_id: str, params: dict[str, Any] | None, validated: dict[str, Any],
+                          split: dict[str, Any], training_set: dict[str, Any] | None) -> dict[str, Any]:
+    """Two-tower + MF retrieval models by the offline protocol, logged to MLflow with curves and artifacts."""
+    from pipeline_tasks.core.tracking import RETRIEVAL_EXPERIMENT, log_artifacts, log_flat, mlflow_run
+    from pipeline_tasks.retrieval.protocol import RetrievalConfig, train_retrieval
+
+    p = resolve_params(params)
+    config = RetrievalConfig.from_params(p.get("two_tower"))
+    manifest = json.loads((run_dir(run_id) / "manifest.json").read_text())
+
+    def work(out_dir: Path) -> dict[str, Any]:
+        ts_path = training_set["training_set"] if training_set else None
+        split_dir = Path(split["split_info"]).parent
+        tags = {"recsys.run_id": run_id, "recsys.data_snapshot_sha256": manifest.get("data", {}).get("snapshot_sha256"),
+                "recsys.git_sha": manifest.get("code", {}).get("git_sha"), "recsys.source": p["source"],
+                "recsys.feature_service": "two_tower_v1"}
+        with mlflow_run(RETRIEVAL_EXPERIMENT, run_name=f"two_tower {run_id}", tags=tags) as run:
+            import mlflow
+
+            result = train_retrieval(out_dir, split_dir, validated["accepted_dir"], config, training_set=ts_path,
+                                     snapshot=snapshot_at)
+            metrics = json.loads(Path(result["metrics"]).read_text())
+            chosen = metrics["models"]["two_tower"]["chosen"]
+            mlflow.log_params({**{f"two_tower.{k}": v for k, v in chosen.items()},
+                               **{f"mf.{k}": v for k, v in metrics["models"]["mf"]["chosen"].items()},
+                               "content_method": metrics["content_method"], "t_val": split["t_val"],
+                               "t_test": split["t_test"], "grid_size": len(config.grid)})
+            for name in ("two_tower", "mf"):
+                for trial_no, trial in enumerate(metrics["models"][name]["trials"]):
+                    for row in trial["history"]:  # learning curves, one series per grid trial
+                        log_flat(f"{name}.trial{trial_no}.", {k: v for k, v in row.items() if k != "epoch"},
+                                 step=int(row["epoch"]))
+            for name, model in metrics["models"].items():
+                log_flat(f"test.{name}.", model["test"])
+                log_flat(f"test.{name}.ci_low.", {k: v[0] for k, v in model["test"]["ci95"].items()})
+                log_flat(f"test.{name}.ci_high.", {k: v[1] for k, v in model["test"]["ci95"].items()})
+            log_artifacts({"model": result["model_dir"], "mf_model": result["mf_model_dir"],
+                           "metrics": result["metrics"]})
+            return {**result, "mlflow_run_id": run.info.run_id, "mlflow_experiment": RETRIEVAL_EXPERIMENT}
+
+    return run_stage(run_id, "train_two_tower", work)
+
+
+def build_index_stage(run_id: str, params: dict[str, Any] | None, trained: dict[str, Any],
+                      features: dict[str, Any] | None) -> dict[str, Any]:
+    """FAISS index of every catalog item (embedded with the newest feature snapshot), tuned to the recall
+    target on held-out users, published as version 1 of this model's serving index."""
+    import numpy as np
+
+    from pipeline_tasks.core.tracking import RETRIEVAL_EXPERIMENT, log_artifacts, log_flat, mlflow_run
+    from pipeline_tasks.online.index import version_dir
+    from pipeline_tasks.online.two_tower import load_model
+    from pipeline_tasks.retrieval.index_build import IndexConfig, build_index
+    from pipeline_tasks.retrieval.refresh import index_lock, publish
+
+    p = resolve_params(params)
+    index_config = IndexConfig(**(p.get("index") or {}))
+
+    def work(out_dir: Path) -> dict[str, Any]:
+        model = load_model(trained["model_dir"])
+        _, item_rows = snapshot_rows(features["last_day"]) if features else (None, None)
+        vectors = model.item_embeddings(item_rows)
+        queries = np.load(trained["query_embeddings"])
+        key = safe_run_id(run_id)
+        target = version_dir(key, 1)
+        with index_lock():
+            provenance = {"model_dir": trained["model_dir"], "mlflow_run_id": trained.get("mlflow_run_id")}
+            meta = build_index(vectors, model.encoder.item_ids, queries, target, index_config, parent=provenance)
+            pointer = publish({"model_key": key, "run_id": run_id, "model_dir": trained["model_dir"],
+                               "index_dir": str(target), "version": 1, "sha256": meta["sha256"],
+                               "n_items": meta["n_items"], "source": p["source"], "parent": None,
+                               "content_method": model.encoder.content_method})
+        (out_dir / "index.json").write_text(json.dumps(meta, indent=2, default=str))
+        if trained.get("mlflow_run_id"):
+            with mlflow_run(RETRIEVAL_EXPERIMENT, run_id=trained["mlflow_run_id"]):
+                log_flat("index.", {k: meta[k] for k in ("recall_at_k", "build_seconds", "memory_bytes",
+                                                         "latency_ms_p50", "latency_ms_p99", "n_items")
+                                    if meta.get(k) is not None})
+                log_artifacts({"index": out_dir / "index.json"})
+        summary = {k: meta.get(k) for k in ("kind", "n_items", "k", "recall_at_k", "target_reached",
+                                            "latency_ms_p50", "latency_ms_p99", "memory_bytes", "build_seconds")}
+        return {**summary, "index_dir": str(target), "sha256": pointer["sha256"], "meta": str(out_dir / "index.json")}
+
+    return run_stage(run_id, "build_index", work)
+
+
+def refresh_items_stage(run_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The hourly item refresh: embed new catalog items and publish the next index version."""
+    from pipeline_tasks.retrieval.refresh import refresh_items
+
+    start_run(run_id, config=dict(params or {}))
+    source = (params or {}).get("source") or None
+    return run_stage(run_id, "refresh_items", refresh_items, source=source)
