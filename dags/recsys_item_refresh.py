@@ -24,12 +24,10 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
+from recsys_common import RETRY_ARGS, fail_fast
 
-DEFAULT_ARGS = {
-    "owner": "recsys",
-    "retries": 2,  # transient failures (a busy lock, I/O); a corrupted index fails every try the same way
-    "retry_delay": timedelta(minutes=1),
-}
+# Transient failures (a busy lock, I/O) retry; a corrupted index or a published version in the way fails at once.
+DEFAULT_ARGS = {**RETRY_ARGS, "execution_timeout": timedelta(minutes=50)}  # done before the next hourly run
 
 
 @dag(
@@ -47,6 +45,7 @@ DEFAULT_ARGS = {
 )
 def recsys_item_refresh() -> None:
     @task(doc_md="Embed items the current index lacks (item tower, cold start) and publish the next index version.")
+    @fail_fast
     def refresh_items(params: dict | None = None, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.retrieval import refresh_items_stage
 

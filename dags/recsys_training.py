@@ -18,6 +18,9 @@ Daily. A run looks at all events up to its `as_of` and writes everything under
 - `materialize`: loads the newest snapshot values into the online store (SQLite, or Redis in production).
 - `training_set`: Feast point-in-time retrieval for every train/validation interaction plus the
   request-time context features -> `training_set/training_set.parquet`.
+- `drift_check`: Evidently PSI of the newest window vs the training window (event mix, popularity,
+  hour, value, activity, feature rates) -> `drift_check/drift_report.html` and `.json`; PSI above
+  `drift_threshold` warns, or fails the run before any model is trained when `drift_mode` is `fail`.
 - `train_two_tower`: PyTorch two-tower retrieval model (and the team's MF beside it): hyper-parameters
   chosen on the validation window, refit on train + validation, scored on the test window with 95 %
   bootstrap CIs; params, learning curves, metrics and the model logged to MLflow
@@ -25,18 +28,20 @@ Daily. A run looks at all events up to its `as_of` and writes everything under
 - `build_index`: FAISS index of the whole catalog (Flat when small, IVF/HNSW when large) tuned to
   recall@k >= target vs exact search on held-out users; written with checksums as version 1 of
   this model's index under `$RECSYS_HOME/indexes/` and made current -> `build_index/index.json`.
-- `drift_check`: Evidently PSI of the newest window vs the training window (event mix, popularity,
-  hour, value, activity, feature rates) -> `drift_check/drift_report.html` and `.json`; PSI above
-  `drift_threshold` warns, or fails the run when `drift_mode` is `fail`.
+
+The params are resolved once by `ingest` (defaults, then `RECSYS_*` settings, then the run's params) into the
+run's `manifest.json`; every later task reads them from there.
 
 **Params**: `source`, `synthetic` (generator settings, `faults`), `as_of` (ISO-8601; empty = contract default),
 `t_val`/`t_test` (explicit split boundaries), `quality_threshold`, `horizon_days`, `bot_events_per_day`,
 `drift_mode` (warn | fail), `drift_threshold` (PSI, default 0.2), `two_tower` (grid, epochs, content method),
 `index` (kind, target_recall, k).
 
-**Extending**: write a function in `pipeline_tasks/<stage>.py` that takes `out_dir` and returns a small dict,
-add a one-line stage in `pipeline_tasks/training.py`, and wire a task here that calls it with its upstream
-task's output. Data errors raise `AirflowFailException` (no retry); anything else is retried.
+**Extending**: write a function in `pipeline_tasks/<package>/<module>.py` that takes `out_dir` and returns a
+small dict, add a one-line stage in `pipeline_tasks/stages/<package>.py`, and wire a task here (with `@fail_fast`)
+that calls it with its upstream task's output. Errors deriving from `PermanentError` (bad data, failed gates,
+invalid params, checksum mismatches) fail the task at once; anything else is retried twice. Every task has an
+`execution_timeout` (1 h, 4 h for the heavy ones).
 """
 
 from __future__ import annotations
@@ -45,15 +50,11 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
-from airflow.sdk.exceptions import AirflowFailException
+from recsys_common import RETRY_ARGS, fail_fast
 
 from pipeline_tasks.core.constants import DEFAULT_PARAMS  # a plain dict: no heavy import at parse time
 
-DEFAULT_ARGS = {
-    "owner": "recsys",
-    "retries": 2,  # for transient failures (I/O, a busy store); data errors fail at once
-    "retry_delay": timedelta(minutes=1),
-}
+LONG = timedelta(hours=4)  # Spark features, point-in-time reads, training: minutes to hours at real sizes
 
 PARAMS = {
     "source": Param(DEFAULT_PARAMS["source"], type="string",
@@ -88,81 +89,87 @@ PARAMS = {
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
-    default_args=DEFAULT_ARGS,
+    default_args=RETRY_ARGS,
     params=PARAMS,
     tags=["recsys", "training"],
     doc_md=__doc__,
 )
 def recsys_training() -> None:
     @task(doc_md="Read the data source into the canonical contract tables (nothing dropped).")
+    @fail_fast
     def ingest(params: dict | None = None, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.data import ingest_stage
 
         return ingest_stage(run_id, params)
 
     @task(doc_md="Validate with Great Expectations, quarantine bad rows with reasons, apply the quality gate.")
-    def validate(ingested: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.data.validate import DataQualityError
+    @fail_fast
+    def validate(ingested: dict, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.data import validate_stage
 
-        try:
-            return validate_stage(run_id, params, ingested)
-        except DataQualityError as exc:  # bad data: retrying cannot help
-            raise AirflowFailException(str(exc)) from exc
+        return validate_stage(run_id, ingested)
 
     @task(doc_md="Time-based train / validation / test split of the accepted interactions.")
-    def split(validated: dict, params: dict | None = None, run_id: str | None = None) -> dict:
+    @fail_fast
+    def split(validated: dict, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.data import split_stage
 
-        return split_stage(run_id, params, validated)
+        return split_stage(run_id, validated)
 
-    @task(doc_md="PySpark daily user/item feature snapshots into the offline store (serialised writers).")
+    @task(doc_md="PySpark daily user/item feature snapshots into the offline store (serialised writers).",
+          execution_timeout=LONG)
+    @fail_fast
     def build_features(validated: dict, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.features import build_features_stage
 
-        return build_features_stage(run_id, None, validated)
+        return build_features_stage(run_id, validated)
 
     @task(doc_md="`feast apply` of feature_repo/: entities, feature views, feature services.")
+    @fail_fast
     def feast_apply(features: dict, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.features import feast_apply_stage
 
         return feast_apply_stage(run_id)
 
-    @task(doc_md="Incremental materialization of the newest snapshot into the online store.")
+    @task(doc_md="Incremental materialization of the newest snapshot into the online store.", execution_timeout=LONG)
+    @fail_fast
     def materialize(features: dict, applied: dict, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.features import materialize_stage
 
         return materialize_stage(run_id, features)
 
-    @task(doc_md="Point-in-time training set (Feast historical retrieval) plus request-time context features.")
+    @task(doc_md="Point-in-time training set (Feast historical retrieval) plus request-time context features.",
+          execution_timeout=LONG)
+    @fail_fast
     def training_set(split_out: dict, materialized: dict, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.features import training_set_stage
 
         return training_set_stage(run_id, split_out)
 
-    @task(doc_md="PyTorch two-tower (and MF) retrieval: tune on validation, refit, score on test; log to MLflow.")
-    def train_two_tower(validated: dict, split_out: dict, train_set: dict, params: dict | None = None,
-                        run_id: str | None = None) -> dict:
-        from pipeline_tasks.stages.retrieval import train_two_tower_stage
-
-        return train_two_tower_stage(run_id, params, validated, split_out, train_set)
-
-    @task(doc_md="FAISS index of the catalog tuned to the recall target; published as a checksummed version.")
-    def build_index(trained: dict, features: dict, params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.stages.retrieval import build_index_stage
-
-        return build_index_stage(run_id, params, trained, features)
-
-    @task(doc_md="Evidently PSI drift check of the newest window vs the reference; HTML report + numbers.")
+    @task(doc_md="Evidently PSI drift check of the newest window vs the reference, before any model is trained; "
+                 "in `fail` mode a drifted window stops the run here.")
+    @fail_fast
     def drift_check(validated: dict, split_out: dict, features: dict, materialized: dict,
-                    params: dict | None = None, run_id: str | None = None) -> dict:
-        from pipeline_tasks.evaluation.drift import DriftError
+                    run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.evaluation import drift_check_stage
 
-        try:
-            return drift_check_stage(run_id, params, validated, split_out, features)
-        except DriftError as exc:  # the data moved: a retry gives the same answer
-            raise AirflowFailException(str(exc)) from exc
+        return drift_check_stage(run_id, validated, split_out, features)
+
+    @task(doc_md="PyTorch two-tower (and MF) retrieval: tune on validation, refit, score on test; log to MLflow.",
+          execution_timeout=LONG)
+    @fail_fast
+    def train_two_tower(validated: dict, split_out: dict, train_set: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.retrieval import train_two_tower_stage
+
+        return train_two_tower_stage(run_id, validated, split_out, train_set)
+
+    @task(doc_md="FAISS index of the catalog tuned to the recall target; published as a checksummed version.",
+          execution_timeout=LONG)
+    @fail_fast
+    def build_index(trained: dict, features: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.retrieval import build_index_stage
+
+        return build_index_stage(run_id, trained, features)
 
     validated = validate(ingest())
     split_out = split(validated)
@@ -170,8 +177,9 @@ def recsys_training() -> None:
     split_out >> features
     materialized = materialize(features, feast_apply(features))
     train_set = training_set(split_out, materialized)
-    build_index(train_two_tower(validated, split_out, train_set), features)
-    drift_check(validated, split_out, features, materialized)
-
+    drifted = drift_check(validated, split_out, features, materialized)
+    trained = train_two_tower(validated, split_out, train_set)
+    drifted >> trained  # a drifted window (drift_mode=fail) stops the run before a model is trained
+    build_index(trained, features)
 
 recsys_training()

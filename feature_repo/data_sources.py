@@ -3,26 +3,34 @@
 Layout ``<feature_store_dir>/offline/<table>/snapshot_date=YYYY-MM-DD/part-*.parquet``; each row is
 valid from its ``event_timestamp`` (the end of its UTC day) and uses only earlier events. The
 paths follow RECSYS_HOME, resolved the same way as everywhere else (pipeline_tasks.core.settings).
+The same tables are read by the profile's offline store: DuckDB (embedded; a FileSource over the
+partitions' parquet files) or Spark (production; a SparkSource over the partitioned directory).
 """
 
-from feast import FileSource
+from pipeline_tasks.core.settings import load_settings
+from pipeline_tasks.online.feature_store import offline_source_kwargs
 
-from pipeline_tasks.online.feature_store import offline_table_dir
+_PROFILE = load_settings().profile
+
+if _PROFILE == "production":
+    from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource as _Source
+else:
+    from feast import FileSource as _Source
 
 # One row per user per day: activity counts, funnel rates, top categories, recent items.
-user_features_source = FileSource(
+user_features_source = _Source(
     name="user_features_source",
-    path=str(offline_table_dir("user_features")),
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
     description="Daily user snapshots written by build_features.",
+    **offline_source_kwargs("user_features", _PROFILE),
 )
 
 # One row per item per day: popularity, trend, funnel rates, age, category.
-item_features_source = FileSource(
+item_features_source = _Source(
     name="item_features_source",
-    path=str(offline_table_dir("item_features")),
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
     description="Daily item snapshots written by build_features.",
+    **offline_source_kwargs("item_features", _PROFILE),
 )

@@ -8,15 +8,14 @@ the config, the code version, input counts, the data snapshot hash and every tas
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline_tasks.core.constants import TABLES
+from pipeline_tasks.core.locks import file_lock
 from pipeline_tasks.core.settings import Settings, load_settings, project_root
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,13 @@ def snapshot_hash(contract_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+MANIFEST_LOCK_TIMEOUT_S = 300.0  # a manifest update takes milliseconds: a longer wait means a hung writer
+
+
+def _locked(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """The run manifest's lock: a bounded wait that names the holder (tasks of one run update it in turn)."""
+    return file_lock(path.with_suffix(".lock"), MANIFEST_LOCK_TIMEOUT_S, what="run manifest",
+                     writers="task of this run")
 
 
 def update_manifest(root: Path, **sections: Any) -> dict[str, Any]:

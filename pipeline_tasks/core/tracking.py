@@ -32,13 +32,33 @@ def mlflow_experiment(name: str, settings: Settings | None = None) -> str:
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 
-@contextmanager
-def mlflow_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
-               tags: Mapping[str, Any] | None = None, settings: Settings | None = None) -> Iterator[Any]:
-    """Start (or, with ``run_id``, resume) an MLflow run in ``experiment``."""
+def find_run(experiment: str, tags: Mapping[str, Any], settings: Settings | None = None) -> str | None:
+    """The id of the newest run in ``experiment`` carrying all of ``tags`` (``None`` if there is none)."""
     import mlflow
 
     experiment_id = mlflow_experiment(experiment, settings)
+    query = " and ".join(f"tags.`{k}` = '{str(v)}'" for k, v in tags.items())
+    runs = mlflow.search_runs([experiment_id], filter_string=query, order_by=["start_time DESC"], max_results=1,
+                              output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def mlflow_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
+               tags: Mapping[str, Any] | None = None, settings: Settings | None = None,
+               resume_by: tuple[str, ...] = ()) -> Iterator[Any]:
+    """Start (or, with ``run_id``, resume) an MLflow run in ``experiment``.
+
+    ``resume_by`` names tags that identify the run (e.g. the DAG run id and task): a retried task whose
+    earlier try opened a run with the same values resumes that run instead of opening a second one.
+    """
+    import mlflow
+
+    experiment_id = mlflow_experiment(experiment, settings)
+    if run_id is None and resume_by:
+        run_id = find_run(experiment, {k: (tags or {})[k] for k in resume_by}, settings)
+        if run_id:
+            log.info("resuming MLflow run %s of an earlier try", run_id)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=run_name,
                           tags={k: str(v) for k, v in (tags or {}).items()} or None) as run:
         yield run

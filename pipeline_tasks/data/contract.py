@@ -23,6 +23,7 @@ from pipeline_tasks.core.constants import (
     USER_COLUMNS,
     USER_ID,
 )
+from pipeline_tasks.core.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ RAW_VALUE = "raw_value"
 EPOCH_SECONDS_LIMIT = 9.2e9  # about year 2261, inside pandas' nanosecond timestamp range
 
 
-class ContractError(ValueError):
+class ContractError(PermanentError, ValueError):
     """A source does not hold the contract tables (missing file or column)."""
 
 

@@ -37,6 +37,7 @@ from pipeline_tasks.core.constants import (
     USER_DAY_EVENTS,
     USER_ID,
 )
+from pipeline_tasks.core.errors import PermanentError
 from pipeline_tasks.data.contract import (
     RAW_TIMESTAMP,
     RAW_VALUE,
@@ -53,7 +54,7 @@ DUPLICATE_KEY = [USER_ID, ITEM_ID, TIMESTAMP, EVENT_TYPE]
 ID_COLUMN = {"interactions": None, "items": ITEM_ID, "users": USER_ID}
 
 
-class DataQualityError(RuntimeError):
+class DataQualityError(PermanentError, RuntimeError):
     """The accepted share of interactions is below the quality threshold (a data error: no retry)."""
 
 

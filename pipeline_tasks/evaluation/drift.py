@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_tasks.core import constants
+from pipeline_tasks.core.errors import InvalidParamsError, PermanentError
 from pipeline_tasks.data.contract import normalise_interactions, normalise_items
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ FEATURES: dict[str, tuple[str, str]] = {
 EVENT_FEATURES = ("event_type", "device", "category", "hour", "value", "item_popularity")
 
 
-class DriftError(RuntimeError):
+class DriftError(PermanentError, RuntimeError):
     """Drift above the threshold with ``mode="fail"`` (the DAG turns it into a task failure)."""
 
 
@@ -84,11 +85,11 @@ class DriftConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"DriftConfig.mode={self.mode!r}: must be one of {MODES}")
+            raise InvalidParamsError(f"DriftConfig.mode={self.mode!r}: must be one of {MODES}")
         if not self.threshold > 0:
-            raise ValueError(f"DriftConfig.threshold={self.threshold}: must be > 0")
+            raise InvalidParamsError(f"DriftConfig.threshold={self.threshold}: must be > 0")
         if self.max_rows < 1:
-            raise ValueError(f"DriftConfig.max_rows={self.max_rows}: must be >= 1")
+            raise InvalidParamsError(f"DriftConfig.max_rows={self.max_rows}: must be >= 1")
 
 
 def item_counts(interactions: pd.DataFrame) -> pd.Series:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, SEED, USER_ID
+from pipeline_tasks.core.errors import NoTestUsersError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,8 @@ def evaluate(
     """
     ks = _check_ks(ks)
     if not truth:
-        raise ValueError("no test users: truth is empty (is the evaluation window empty, or has no user history?)")
+        raise NoTestUsersError("no test users: truth is empty (is the evaluation window empty, or has no user "
+                               "history?)")
     if n_items < 1:
         raise ValueError(f"n_items must be the catalog size (>= 1), got {n_items}")
     if n_boot < 0:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline_tasks.core.settings import Settings
@@ -21,71 +23,53 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRAINING_SET = "training_set.parquet"
+ROW_ID = "recsys_row_id"  # carried through the offline store's join to restore the request order
 
 
-def align_to_requests(requests: pd.DataFrame, features: pd.DataFrame, keys: Sequence[str],
-                      feature_columns: Sequence[str], timestamp_col: str = ENTITY_TIMESTAMP) -> pd.DataFrame:
-    """One row per request row, in request order: the caller's columns, then ``feature_columns``.
+def attach_by_row_id(requests: pd.DataFrame, features: pd.DataFrame, feature_columns: Sequence[str]) -> pd.DataFrame:
+    """The caller's rows, in their order and index, then ``feature_columns`` taken from ``features`` by row id.
 
-    ``features`` holds at most one row per (keys, timestamp), in any order, possibly missing
-    some; a request row without a match gets nulls. Keys are compared as strings, timestamps
-    as UTC instants (naive = UTC).
+    ``features`` has a ``ROW_ID`` column naming the request's position (0..n-1), in any order; a
+    position without a row gets nulls. A position twice is an error (the store duplicated a row).
     """
     clash = sorted(set(requests.columns) & set(feature_columns))
     if clash:
         raise ValueError(f"entity rows already have columns named like features: {clash}; rename them")
-    on = [*keys, timestamp_col]
-    left = _join_frame(requests, keys, timestamp_col)
-    right = pd.concat([_join_frame(features, keys, timestamp_col), features[list(feature_columns)]], axis=1)
-    right = right.drop_duplicates(subset=on, keep="last")
-    merged = left.merge(right, on=on, how="left", sort=False, validate="many_to_one")
+    ids = features[ROW_ID].to_numpy()
+    if len(pd.unique(ids)) != len(ids):
+        raise RuntimeError(f"the offline store returned {len(ids) - len(pd.unique(ids))} duplicate rows for "
+                           f"{len(requests)} requests; the point-in-time join is broken")
+    aligned = features.set_index(ROW_ID).reindex(range(len(requests)))
+    missing = int(aligned.index.difference(pd.Index(ids)).size)
+    if missing:
+        log.warning("the offline store returned no row for %d of %d requests; they get null features",
+                    missing, len(requests))
     out = requests.copy()
     for column in feature_columns:
-        out[column] = merged[column].to_numpy()
+        out[column] = aligned[column].to_numpy()
     return out
 
 
-def _join_frame(df: pd.DataFrame, keys: Sequence[str], timestamp_col: str) -> pd.DataFrame:
-    out = pd.DataFrame({key: df[key].astype(str).to_numpy() for key in keys}, index=df.index)
-    out[timestamp_col] = _utc_ns(df[timestamp_col])
-    return out
-
-
-def _utc_ns(values: pd.Series) -> pd.Series:
-    return pd.to_datetime(values, utc=True).dt.as_unit("ns")
-
-
-def _offline_entity_ids(source_path: str, join_key: str) -> set[str]:
-    """The entities that have at least one row in an offline table."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
-    if not source_path or not Path(source_path).exists():
-        return set()
-    column = ds.dataset(source_path, format="parquet", partitioning="hive").to_table(columns=[join_key])[join_key]
-    return {str(v) for v in pc.unique(column).to_pylist() if v is not None}
+def _utc_us(values: pd.Series) -> pd.Series:
+    """UTC instants in microseconds (Spark reads no nanosecond timestamps; naive = UTC)."""
+    return pd.to_datetime(values, utc=True).dt.as_unit("us")
 
 
 def training_set(entity_rows: pd.DataFrame, feature_service: str, settings: Settings | None = None,
                  *, store: FeatureStore | None = None) -> pd.DataFrame:
-    """Point-in-time correct features for each entity row (Feast historical retrieval).
+    """Point-in-time correct features for each entity row: the one Feast historical read of the project.
 
     ``entity_rows`` needs the service's join keys (``user_id`` and/or ``item_id``) and an
-    ``event_timestamp`` (the label time; naive = UTC); other columns (labels, ...) are kept.
-    Returns exactly one row per entity row, in the given order, with nulls where no feature
-    row was valid at that time.
-
-    Feast 0.67's file offline store drops entity rows whose entity has rows but none valid
-    yet, returns rows sorted by time, collapses duplicate (entity, time) rows, and fails
-    outright (a dask "Divisions calculation failed" error) when an entity has no row at all.
-    So each feature view is asked separately, for its known entities only, and the answers are
-    joined back onto the request.
+    ``event_timestamp`` (the moment asked about; naive = UTC); other columns (labels, ...) are kept.
+    Returns exactly one row per entity row, in the given order and index, with nulls where no
+    feature row was valid at that time (unknown entity, nothing yet, or older than the view's TTL).
+    The profile's offline store (DuckDB embedded, Spark in production) does the join in one query
+    over all the service's views; a row id carried through it restores the order.
     """
-    import dask
-
     store = store or get_store(settings)
     views = service_views(store, feature_service)
-    needed = list(dict.fromkeys([*(v.join_key for v in views), ENTITY_TIMESTAMP]))
+    keys = list(dict.fromkeys(v.join_key for v in views))
+    needed = [*keys, ENTITY_TIMESTAMP]
     absent = [c for c in needed if c not in entity_rows.columns]
     if absent:
         raise ValueError(f"entity rows for {feature_service} need columns {needed}; missing {absent}")
@@ -93,23 +77,22 @@ def training_set(entity_rows: pd.DataFrame, feature_service: str, settings: Sett
     if nulls.any():
         first = entity_rows.loc[nulls].iloc[0][needed].to_dict()
         raise ValueError(f"{int(nulls.sum())} entity rows have a null in {needed} (first: {first}); drop them first")
+    feature_columns = [f for v in views for f in v.features]
+    if not len(entity_rows):
+        return with_dtypes(attach_by_row_id(entity_rows, pd.DataFrame(columns=[ROW_ID, *feature_columns]),
+                                            feature_columns), views)
 
-    out = entity_rows
-    for view in views:
-        requests = _join_frame(entity_rows, [view.join_key], ENTITY_TIMESTAMP).drop_duplicates()
-        known = requests[view.join_key].isin(_offline_entity_ids(view.source_path, view.join_key))
-        requests = requests.loc[known].reset_index(drop=True)
-        if requests.empty:
-            features = pd.DataFrame(columns=[view.join_key, ENTITY_TIMESTAMP, *view.features])
-        else:
-            # Dask's default shuffle made Feast's entity/feature merge take ~90 s per view on 1,000 rows
-            # here; the task-based shuffle gives the same result in a fraction of the time.
-            with contextlib.redirect_stdout(io.StringIO()), dask.config.set({"dataframe.shuffle.method": "tasks"}):
-                features = store.get_historical_features(entity_df=requests, features=view.refs).to_df()
-        log.info("%s/%s: %d entity rows, %d distinct (%s, time) with a known entity, %d with a valid feature row",
-                 feature_service, view.view, len(entity_rows), len(requests), view.join_key, len(features))
-        out = align_to_requests(out, features, [view.join_key], view.features)
-    return with_dtypes(out, views)
+    request = pd.DataFrame({key: entity_rows[key].astype(str).to_numpy() for key in keys})
+    request[ENTITY_TIMESTAMP] = _utc_us(entity_rows[ENTITY_TIMESTAMP]).to_numpy()
+    request[ROW_ID] = np.arange(len(request), dtype=np.int64)
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # Feast prints progress; the task log gets the summary
+        features = store.get_historical_features(
+            entity_df=request, features=store.get_feature_service(feature_service, allow_cache=True)).to_df()
+    del request
+    log.info("%s: %d point-in-time rows from the %s offline store in %.1fs", feature_service, len(entity_rows),
+             store.config.offline_store.type, time.perf_counter() - started)
+    return with_dtypes(attach_by_row_id(entity_rows, features, feature_columns), views)
 
 
 def training_set_stage(entity_rows: str | Path | pd.DataFrame, out_dir: str | Path,

@@ -37,6 +37,7 @@ from pyspark.sql import functions as sf
 from pyspark.sql.types import LongType, TimestampNTZType, TimestampType
 
 from pipeline_tasks.core.constants import EVENT_TYPE, ITEM_ID, TIMESTAMP, UNKNOWN_CATEGORY, USER_ID
+from pipeline_tasks.core.errors import PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ ITEM_FEATURE_COLUMNS = [
 ]
 
 
-class FeatureInputError(ValueError):
+class FeatureInputError(PermanentError, ValueError):
     """The contract directory cannot be read as feature-job input."""
 
 

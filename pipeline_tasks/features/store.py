@@ -13,7 +13,6 @@ processes and DAGs. Feast is imported inside functions: it takes seconds to impo
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib
 import io
 import logging
@@ -29,9 +28,9 @@ from typing import IO, Any
 
 import pandas as pd
 
-from pipeline_tasks.core.locks import acquire_file_lock
+from pipeline_tasks.core.locks import acquire_file_lock, release_file_lock
 from pipeline_tasks.core.settings import Settings, load_settings
-from pipeline_tasks.online.feature_store import ENTITY_TIMESTAMP, feature_repo_dir, get_store
+from pipeline_tasks.online.feature_store import ENTITY_TIMESTAMP, feature_repo_dir, get_store, source_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +73,7 @@ def feature_store_lock(settings: Settings | None = None,
             if depth > 1:
                 _held[key] = (fh, depth - 1)
             else:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-                fh.close()
+                release_file_lock(fh)
     finally:
         rlock.release()
 
@@ -141,7 +139,7 @@ def apply_repo(settings: Settings | None = None) -> dict[str, Any]:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):  # Feast prints its plan; keep it in the task log instead
             apply_total_with_repo_instance(store, store.project, store.registry, repo,
-                                           skip_source_validation=False)
+                                           skip_source_validation=True)  # a glob never "exists": checked above
         for line in out.getvalue().splitlines():
             if line.strip():
                 log.info("feast apply: %s", line)
@@ -161,7 +159,7 @@ def apply_repo(settings: Settings | None = None) -> dict[str, Any]:
 def _check_source_paths(sources: Sequence[Any], settings: Settings) -> None:
     root = settings.feature_store_dir.resolve()
     for source in sources:
-        path = Path(getattr(source, "path", "") or "")
+        path = source_dir(getattr(source, "path", "") or "")
         if path.is_absolute() and not path.resolve().is_relative_to(root):
             raise ValueError(f"feature_repo source {source.name!r} reads {path}, outside {root}: the repo "
                              f"resolves RECSYS_HOME from the environment ({os.environ.get('RECSYS_HOME')!r}) "
@@ -202,9 +200,9 @@ def materialize(end_date: str | date | datetime, settings: Settings | None = Non
         if not feature_views:
             raise RuntimeError(f"no feature views in project {store.project!r}: run apply_repo first")
         for fv in feature_views:
-            source_dir = Path(fv.batch_source.path)
-            if not source_dir.exists() or not any(source_dir.rglob("*.parquet")):
-                raise FileNotFoundError(f"{fv.name}: no offline snapshots under {source_dir}; "
+            table_dir = source_dir(fv.batch_source.path)
+            if not table_dir.exists() or not any(table_dir.rglob("*.parquet")):
+                raise FileNotFoundError(f"{fv.name}: no offline snapshots under {table_dir}; "
                                         "run build_features for this date first")
             last = fv.most_recent_end_time
             out = io.StringIO()
@@ -222,7 +220,7 @@ def materialize(end_date: str | date | datetime, settings: Settings | None = Non
                 views[fv.name] = {"mode": "up_to_date", "materialized_until": last.isoformat(), "entities": 0}
                 log.info("%s already materialized until %s; nothing to do for %s", fv.name, last, end)
                 continue
-            entities = _count_entities(source_dir, fv.entity_columns[0].name, start, end)
+            entities = _count_entities(table_dir, fv.entity_columns[0].name, start, end)
             views[fv.name] = {"mode": mode, "start": start.isoformat(), "end": end.isoformat(),
                               "entities": entities}
             log.info("materialized %s (%s) %s .. %s: %d entities", fv.name, mode, start, end, entities)

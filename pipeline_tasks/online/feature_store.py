@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 OFFLINE_TABLES = ("user_features", "item_features")
 ENTITY_TIMESTAMP = "event_timestamp"  # the entity-rows column Feast's point-in-time join uses
+OFFLINE_GLOB = "*/*.parquet"  # snapshot_date=YYYY-MM-DD/part-*.parquet
 PROFILE_CONFIGS = {"embedded": "feature_store.yaml", "production": "feature_store.production.yaml"}
 
 _PANDAS_DTYPES = {"INT64": "Int64", "INT32": "Int64", "DOUBLE": "float64", "FLOAT": "float64", "BOOL": "boolean"}
@@ -45,6 +46,25 @@ def offline_table_dir(table: str, settings: Settings | None = None) -> Path:
     return settings.feature_store_dir / "offline" / table
 
 
+def offline_source_kwargs(table: str, profile: str, settings: Settings | None = None) -> dict[str, Any]:
+    """The path arguments of one offline table's Feast source for a profile's offline store.
+
+    DuckDB (embedded) reads a glob of the partitions' parquet files; Spark (production) reads the
+    partitioned directory and prunes by ``snapshot_date``.
+    """
+    root = offline_table_dir(table, settings)
+    if profile == "production":
+        return {"path": str(root), "file_format": "parquet", "date_partition_column": "snapshot_date"}
+    from feast.data_format import ParquetFormat
+
+    return {"path": str(root / OFFLINE_GLOB), "file_format": ParquetFormat()}
+
+
+def source_dir(path: str) -> Path:
+    """The offline table directory behind a source's ``path`` (which may end in the partitions' glob)."""
+    return Path(path.removesuffix("/" + OFFLINE_GLOB))
+
+
 def config_template(settings: Settings) -> Path:
     """The ``feature_store*.yaml`` of the settings' profile."""
     try:
@@ -57,7 +77,8 @@ def config_template(settings: Settings) -> Path:
 
 def config_values(settings: Settings) -> dict[str, str]:
     """The ``${VAR}`` values the feature store yaml files use, taken from the settings."""
-    return {"RECSYS_HOME": str(settings.home), "RECSYS_REDIS_URL": settings.redis_url}
+    return {"RECSYS_HOME": str(settings.home), "RECSYS_REDIS_URL": settings.redis_url,
+            "RECSYS_SPARK_MASTER": settings.spark_master}
 
 
 def render_config(template: str, values: Mapping[str, str]) -> str:

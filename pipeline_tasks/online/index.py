@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline_tasks.core.constants import ITEM_ID
+from pipeline_tasks.core.errors import PermanentError
 from pipeline_tasks.core.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ CURRENT = "current.json"  # names the index version serving loads
 REBUILD_HINT = "the index must be rebuilt: re-run build_index (the item index refresh) into a fresh directory"
 
 
-class IndexChecksumError(RuntimeError):
+class IndexChecksumError(PermanentError, RuntimeError):
     """An index file is missing or its bytes differ from the SHA-256 recorded in ``index.json``."""
 
 

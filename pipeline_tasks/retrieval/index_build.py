@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline_tasks.core.constants import ITEM_ID, SEED
+from pipeline_tasks.core.errors import InvalidParamsError
 from pipeline_tasks.online.index import (
     EF_SEARCH_MAX,
     IDS_FILE,
@@ -74,16 +75,17 @@ class IndexConfig:
     def validate(self) -> None:
         """Raise ValueError on an unusable setting."""
         if self.kind not in KINDS:
-            raise ValueError(f"IndexConfig.kind={self.kind!r} is not one of {', '.join(KINDS)}")
+            raise InvalidParamsError(f"IndexConfig.kind={self.kind!r} is not one of {', '.join(KINDS)}")
         if not 0.0 < self.target_recall <= 1.0:
-            raise ValueError(f"IndexConfig.target_recall={self.target_recall} must be in (0, 1]")
+            raise InvalidParamsError(f"IndexConfig.target_recall={self.target_recall} must be in (0, 1]")
         for name in ("k", "hnsw_m", "hnsw_ef_construction", "max_tuning_queries", "latency_queries"):
             if getattr(self, name) < 1:
-                raise ValueError(f"IndexConfig.{name}={getattr(self, name)} must be >= 1")
+                raise InvalidParamsError(f"IndexConfig.{name}={getattr(self, name)} must be >= 1")
         if self.flat_max_items < 0:
-            raise ValueError(f"IndexConfig.flat_max_items={self.flat_max_items} must be >= 0")
+            raise InvalidParamsError(f"IndexConfig.flat_max_items={self.flat_max_items} must be >= 0")
         if self.ivf_nlist is not None and self.ivf_nlist < 1:
-            raise ValueError(f"IndexConfig.ivf_nlist={self.ivf_nlist} must be >= 1 (or None for about 4*sqrt(n))")
+            raise InvalidParamsError(f"IndexConfig.ivf_nlist={self.ivf_nlist} must be >= 1 "
+                                     "(or None for about 4*sqrt(n))")
 
 
 def _nlist(n: int, requested: int | None) -> int:

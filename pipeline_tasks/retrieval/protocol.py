@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, SEED, TIMESTAMP, USER_ID
+from pipeline_tasks.core.errors import InvalidParamsError
 from pipeline_tasks.online.two_tower import TwoTowerConfig, TwoTowerModel
 from pipeline_tasks.retrieval.two_tower_training import Window, fit, grid_configs, recommend
 
@@ -46,7 +47,8 @@ class RetrievalConfig:
         p = dict(p or {})
         unknown = set(p) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown two_tower params {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise InvalidParamsError(f"unknown two_tower params {sorted(unknown)}; "
+                                     f"known: {sorted(cls.__dataclass_fields__)}")
         return cls(**p)
 
 

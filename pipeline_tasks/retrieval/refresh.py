@@ -11,11 +11,9 @@ Writers take the index lock, so the training DAG and the refresh never interleav
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID
+from pipeline_tasks.core.errors import VersionExistsError
+from pipeline_tasks.core.locks import file_lock
 from pipeline_tasks.core.settings import Settings, load_settings
 from pipeline_tasks.online.index import CURRENT, current_index, version_dir
 
@@ -32,19 +32,11 @@ log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 3600.0
 
 
-@contextlib.contextmanager
-def index_lock(settings: Settings | None = None, timeout: float = LOCK_TIMEOUT_S) -> Iterator[Path]:
+def index_lock(settings: Settings | None = None,
+               timeout: float = LOCK_TIMEOUT_S) -> contextlib.AbstractContextManager[Path]:
     """Hold the index writers' lock (``$RECSYS_HOME/indexes/.lock``) across processes."""
-    from pipeline_tasks.core.locks import acquire_file_lock
-
     settings = settings or load_settings()
-    path = settings.index_dir / ".lock"
-    fh = acquire_file_lock(path, timeout, what="index", writers="build_index / item refresh")
-    try:
-        yield path
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+    return file_lock(settings.index_dir / ".lock", timeout, what="index", writers="build_index / item refresh")
 
 
 def _write_current(pointer: dict[str, Any], settings: Settings) -> None:
@@ -63,8 +55,19 @@ def publish(pointer: dict[str, Any], settings: Settings | None = None) -> dict[s
     return pointer
 
 
-def catalog_items(source: str) -> pd.DataFrame:
-    """The catalog's items table from a data source (a contract directory, an items file, or a built-in source)."""
+def catalog_recipe(source: str, synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How to read a run's catalog again later, from any working directory: the source with absolute paths,
+    and for ``synthetic`` the generator settings (another seed or size is another catalog)."""
+    if source == "synthetic":
+        return {"source": source, "synthetic": dict(synthetic or {})}
+    if source.startswith("movielens:"):
+        return {"source": "movielens:" + str(Path(source.removeprefix("movielens:")).expanduser().resolve())}
+    return {"source": str(Path(source).expanduser().resolve())}
+
+
+def catalog_items(source: str, synthetic: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The catalog's items table from a data source (a contract directory, an items file, or a built-in source;
+    ``synthetic`` holds the generator settings when ``source`` is ``synthetic``)."""
     from pipeline_tasks.data.contract import normalise_items
     from pipeline_tasks.data.ingest import load_source
 
@@ -72,7 +75,7 @@ def catalog_items(source: str) -> pd.DataFrame:
     if path.is_file():
         raw = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
         return normalise_items(raw)
-    return load_source(source).items
+    return load_source(source, synthetic).items
 
 
 def _item_id_rule() -> re.Pattern[str]:
@@ -98,7 +101,8 @@ def _valid_ids(items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def refresh_items(out_dir: str | Path, source: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """Embed catalog items missing from the current index and publish a new index version.
 
-    ``source`` defaults to the data source of the training run that built the current model.
+    ``source`` defaults to the catalog of the training run that built the current model (its recorded
+    :func:`catalog_recipe`: the same directory, or the same generator settings).
     No new items: nothing is written and the current version stays.
     """
     from pipeline_tasks.online.index import load_index
@@ -112,9 +116,11 @@ def refresh_items(out_dir: str | Path, source: str | None = None, settings: Sett
         current = current_index(settings)
         if current is None:
             return {"status": "no_index", "message": "no index has been built yet: run recsys_training first"}
+        # Default: the catalog the serving model was trained from, as its training run recorded it.
+        synthetic = None if source else current.get("synthetic")
         source = source or current["source"]
         base = load_index(current["index_dir"])  # refuses a corrupted base by its checksum
-        items, rejected = _valid_ids(catalog_items(source))
+        items, rejected = _valid_ids(catalog_items(source, synthetic))
         if len(rejected):
             rejected.to_parquet(out / "rejected_items.parquet", index=False)
             log.warning("%d catalog rows rejected (invalid or duplicate item id): %s", len(rejected),
@@ -133,7 +139,8 @@ def refresh_items(out_dir: str | Path, source: str | None = None, settings: Sett
         version = int(current["version"]) + 1
         target = version_dir(current["model_key"], version, settings)
         if target.exists():
-            raise FileExistsError(f"index version {target} exists but is not current; move it away and retry")
+            raise VersionExistsError(f"index version {target} exists but is not current; published versions are "
+                                     "never overwritten: move it away and retry")
         meta = add_items(current["index_dir"], vectors, new[ITEM_ID].astype(str).tolist(), target)
         new[[ITEM_ID]].to_parquet(out / "added_items.parquet", index=False)
         pointer = publish({**current, "index_dir": str(target), "version": version, "sha256": meta["sha256"],

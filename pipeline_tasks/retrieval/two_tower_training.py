@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F  # noqa: N812 (torch convention)
 
 from pipeline_tasks.core.constants import ITEM_ID, USER_ID
+from pipeline_tasks.core.errors import InvalidParamsError
 from pipeline_tasks.online.encoder import (
     ITEM_NUMERIC,
     USER_NUMERIC,
@@ -223,7 +224,7 @@ def grid_configs(base: TwoTowerConfig, grid: Sequence[Mapping[str, Any]]) -> lis
     for g in grid or [{}]:
         unknown = set(g) - set(base.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown two-tower hyper-parameters {sorted(unknown)}; "
+            raise InvalidParamsError(f"unknown two-tower hyper-parameters {sorted(unknown)}; "
                              f"known: {sorted(base.__dataclass_fields__)}")
         out.append(replace(base, **{k: (tuple(v) if k == "hidden" else v) for k, v in g.items()}))
     return out

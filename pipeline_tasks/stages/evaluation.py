@@ -9,7 +9,7 @@ import pandas as pd
 
 from pipeline_tasks.core.runs import run_stage
 from pipeline_tasks.features.history import _snapshot_day_before, snapshot_rows
-from pipeline_tasks.stages.common import resolve_params
+from pipeline_tasks.stages.common import run_config
 
 # Rates and shares, not running totals: totals grow by construction and would always "drift".
 DRIFT_FEATURE_COLUMNS = {
@@ -25,12 +25,12 @@ def _feature_rows_on(day: str) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def drift_check_stage(run_id: str, params: dict[str, Any] | None, validated: dict[str, Any],
+def drift_check_stage(run_id: str, validated: dict[str, Any],
                       split: dict[str, Any], features: dict[str, Any]) -> dict[str, Any]:
     """Evidently PSI drift of the newest window (test) vs the reference (the training window)."""
     from pipeline_tasks.evaluation.drift import DriftConfig, drift_check_split
 
-    p = resolve_params(params)
+    p = run_config(run_id)
 
     def work(out_dir: Path) -> dict[str, Any]:
         ref = _feature_rows_on(_snapshot_day_before(split["t_val"]))

@@ -12,7 +12,7 @@ from pipeline_tasks.core.runs import run_stage, safe_run_id
 from pipeline_tasks.core.settings import load_settings
 
 
-def build_features_stage(run_id: str, params: dict[str, Any] | None, validated: dict[str, Any]) -> dict[str, Any]:
+def build_features_stage(run_id: str, validated: dict[str, Any]) -> dict[str, Any]:
     """Spark daily feature snapshots of the accepted data into the long-lived offline store."""
 
     def work(out_dir: Path) -> dict[str, Any]:

@@ -8,16 +8,16 @@ from typing import Any
 
 from pipeline_tasks.core.runs import run_dir, run_stage, safe_run_id, start_run
 from pipeline_tasks.features.history import snapshot_at, snapshot_rows
-from pipeline_tasks.stages.common import resolve_params
+from pipeline_tasks.stages.common import run_config
 
 
-def train_two_tower_stage(run_id: str, params: dict[str, Any] | None, validated: dict[str, Any],
+def train_two_tower_stage(run_id: str, validated: dict[str, Any],
                           split: dict[str, Any], training_set: dict[str, Any] | None) -> dict[str, Any]:
     """Two-tower + MF retrieval models by the offline protocol, logged to MLflow with curves and artifacts."""
     from pipeline_tasks.core.tracking import RETRIEVAL_EXPERIMENT, log_artifacts, log_flat, mlflow_run
     from pipeline_tasks.retrieval.protocol import RetrievalConfig, train_retrieval
 
-    p = resolve_params(params)
+    p = run_config(run_id)
     config = RetrievalConfig.from_params(p.get("two_tower"))
     manifest = json.loads((run_dir(run_id) / "manifest.json").read_text())
 
@@ -26,8 +26,11 @@ def train_two_tower_stage(run_id: str, params: dict[str, Any] | None, validated:
         split_dir = Path(split["split_info"]).parent
         tags = {"recsys.run_id": run_id, "recsys.data_snapshot_sha256": manifest.get("data", {}).get("snapshot_sha256"),
                 "recsys.git_sha": manifest.get("code", {}).get("git_sha"), "recsys.source": p["source"],
-                "recsys.feature_service": "two_tower_v1"}
-        with mlflow_run(RETRIEVAL_EXPERIMENT, run_name=f"two_tower {run_id}", tags=tags) as run:
+                # the service the training examples' features came from (the towers read a subset of it)
+                "recsys.feature_service": (training_set or {}).get("feature_service", "none"),
+                "recsys.task": "train_two_tower"}
+        with mlflow_run(RETRIEVAL_EXPERIMENT, run_name=f"two_tower {run_id}", tags=tags,
+                        resume_by=("recsys.run_id", "recsys.task")) as run:
             import mlflow
 
             result = train_retrieval(out_dir, split_dir, validated["accepted_dir"], config, training_set=ts_path,
@@ -54,7 +57,7 @@ def train_two_tower_stage(run_id: str, params: dict[str, Any] | None, validated:
     return run_stage(run_id, "train_two_tower", work)
 
 
-def build_index_stage(run_id: str, params: dict[str, Any] | None, trained: dict[str, Any],
+def build_index_stage(run_id: str, trained: dict[str, Any],
                       features: dict[str, Any] | None) -> dict[str, Any]:
     """FAISS index of every catalog item (embedded with the newest feature snapshot), tuned to the recall
     target on held-out users, published as version 1 of this model's serving index."""
@@ -64,9 +67,9 @@ def build_index_stage(run_id: str, params: dict[str, Any] | None, trained: dict[
     from pipeline_tasks.online.index import version_dir
     from pipeline_tasks.online.two_tower import load_model
     from pipeline_tasks.retrieval.index_build import IndexConfig, build_index
-    from pipeline_tasks.retrieval.refresh import index_lock, publish
+    from pipeline_tasks.retrieval.refresh import catalog_recipe, index_lock, publish
 
-    p = resolve_params(params)
+    p = run_config(run_id)
     index_config = IndexConfig(**(p.get("index") or {}))
 
     def work(out_dir: Path) -> dict[str, Any]:
@@ -81,8 +84,8 @@ def build_index_stage(run_id: str, params: dict[str, Any] | None, trained: dict[
             meta = build_index(vectors, model.encoder.item_ids, queries, target, index_config, parent=provenance)
             pointer = publish({"model_key": key, "run_id": run_id, "model_dir": trained["model_dir"],
                                "index_dir": str(target), "version": 1, "sha256": meta["sha256"],
-                               "n_items": meta["n_items"], "source": p["source"], "parent": None,
-                               "content_method": model.encoder.content_method})
+                               "n_items": meta["n_items"], **catalog_recipe(p["source"], p["synthetic"]),
+                               "parent": None, "content_method": model.encoder.content_method})
         (out_dir / "index.json").write_text(json.dumps(meta, indent=2, default=str))
         if trained.get("mlflow_run_id"):
             with mlflow_run(RETRIEVAL_EXPERIMENT, run_id=trained["mlflow_run_id"]):

@@ -15,9 +15,14 @@ HEAVY = ("torch", "pyspark", "great_expectations", "faiss", "mlflow", "feast", "
 
 @pytest.fixture(scope="module")
 def dagbag():
+    """As Airflow 3's DAG processor and task runner parse: the DAGs folder (bundle) on sys.path."""
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(DAGS))
+    sys.path.insert(0, str(DAGS))
+    try:
+        yield DagBag(dag_folder=str(DAGS))
+    finally:
+        sys.path.remove(str(DAGS))
 
 
 def test_no_import_errors(dagbag):
@@ -33,6 +38,39 @@ def test_policy_tags_retries_docs(dagbag):
         for task in dag.tasks:
             assert task.retries >= 2, f"{dag_id}.{task.task_id}: retries >= 2 for transient failures"
             assert task.doc_md, f"{dag_id}.{task.task_id}: needs doc_md for the UI"
+            assert task.execution_timeout is not None, f"{dag_id}.{task.task_id}: needs an execution_timeout"
+            assert getattr(task.python_callable, "recsys_fail_fast", False), (
+                f"{dag_id}.{task.task_id}: wrap the body in @fail_fast so permanent errors are not retried")
+
+
+def test_permanent_errors_fail_at_once_and_others_stay_retryable():
+    """The one mapping: PermanentError (and subclasses) -> AirflowFailException; other errors pass through."""
+    sys.path.insert(0, str(DAGS))
+    try:
+        from airflow.sdk.exceptions import AirflowFailException
+        from recsys_common import fail_fast
+
+        from pipeline_tasks.core.errors import InvalidParamsError
+        from pipeline_tasks.data.contract import ContractError
+        from pipeline_tasks.data.validate import DataQualityError
+        from pipeline_tasks.evaluation.drift import DriftError
+        from pipeline_tasks.features.snapshots import FeatureInputError
+        from pipeline_tasks.online.index import IndexChecksumError
+    finally:
+        sys.path.remove(str(DAGS))
+    for error in (ContractError, DataQualityError, DriftError, FeatureInputError, IndexChecksumError,
+                  InvalidParamsError):
+        def boom(error=error):
+            raise error("bad input")
+
+        with pytest.raises(AirflowFailException, match=f"{error.__name__}: bad input"):
+            fail_fast(boom)()
+    for transient in (TimeoutError, OSError, RuntimeError):
+        def flaky(error=transient):
+            raise error("try again")
+
+        with pytest.raises(transient):
+            fail_fast(flaky)()
 
 
 def test_no_cycles_and_training_graph(dagbag):
@@ -49,7 +87,7 @@ def test_no_cycles_and_training_graph(dagbag):
         "materialize": {"build_features", "feast_apply"},
         "training_set": {"split", "materialize"},
         "drift_check": {"validate", "split", "build_features", "materialize"},
-        "train_two_tower": {"validate", "split", "training_set"},
+        "train_two_tower": {"validate", "split", "training_set", "drift_check"},  # drift before any training
         "build_index": {"train_two_tower", "build_features"},
     }
 
@@ -69,11 +107,11 @@ def test_params_have_descriptions(dagbag):
         assert params.get_param(key).description, f"param {key} needs a description"
 
 
-@pytest.mark.parametrize("dag_file", sorted(p.name for p in DAGS.glob("*.py")))
+@pytest.mark.parametrize("dag_file", sorted(p.name for p in DAGS.glob("*.py")))  # recsys_common.py too
 def test_parsing_does_no_heavy_work(dag_file):
     """Parsing a DAG file imports no ML/data library (they load inside task bodies)."""
     code = (
-        "import runpy, sys; runpy.run_path(sys.argv[1]); "
+        "import os, runpy, sys; sys.path.insert(0, os.path.dirname(sys.argv[1])); runpy.run_path(sys.argv[1]); "
         f"print('HEAVY:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     res = subprocess.run([sys.executable, "-c", code, str(DAGS / dag_file)], capture_output=True, text=True,

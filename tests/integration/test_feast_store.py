@@ -163,7 +163,7 @@ def test_apply_repo_registers_objects_and_is_idempotent(pit_settings: Settings, 
     assert {s.name for s in pit_store.list_feature_services()} == {"ranker_v1", "two_tower_v1"}
     assert {e.name for e in pit_store.list_entities()} >= {"user", "item"}
     user_fv = pit_store.get_feature_view("user_stats_fv")
-    assert Path(user_fv.batch_source.path) == fs.offline_table_dir("user_features", pit_settings)
+    assert fs.source_dir(user_fv.batch_source.path) == fs.offline_table_dir("user_features", pit_settings)
     assert user_fv.ttl == timedelta(days=3)
 
     with caplog.at_level("INFO", logger="pipeline_tasks.features.store"):
@@ -200,8 +200,8 @@ def test_training_set_is_point_in_time_correct(pit_store: Any) -> None:
         assert_features_equal(out.iloc[i], expected_row(items, "item_id", "i_pop", t, ttl), ITEM_FEATURES, f"{i}")
 
 
-def test_training_set_keeps_every_requested_row_in_order(pit_store: Any) -> None:
-    """Feast 0.67 drops, reorders, dedups and (for unknown entities) crashes; training_set does none of it."""
+def mixed_requests() -> pd.DataFrame:
+    """Requests out of time order, unknown entities, rows before any snapshot, past the TTL, duplicates."""
     t = DAYS
     requests = pd.DataFrame(
         [
@@ -217,7 +217,12 @@ def test_training_set_keeps_every_requested_row_in_order(pit_store: Any) -> None
         columns=["user_id", "item_id", "event_timestamp", "label"],
         index=[70, 10, 60, 20, 50, 30, 40, 0],
     )
+    return requests
 
+
+def test_training_set_keeps_every_requested_row_in_order(pit_store: Any) -> None:
+    """Feast 0.67's file store dropped, reordered, deduped and (for unknown entities) crashed; none of it here."""
+    requests = mixed_requests()
     out = history.training_set(requests, "ranker_v1", store=pit_store)
 
     assert len(out) == len(requests)
@@ -237,6 +242,25 @@ def test_training_set_keeps_every_requested_row_in_order(pit_store: Any) -> None
                               f"request {i} ({row['item_id']})")
     assert expected_user_rows == 4  # the fixture exercises both outcomes
     assert out["user_total_interactions"].dtype == "Int64" and out["item_ctr"].dtype == "float64"
+
+
+@pytest.mark.spark
+@pytest.mark.redis
+def test_production_spark_offline_store_gives_the_same_training_set(pit_settings: Settings, pit_store: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The production profile reads the same snapshots through Feast's Spark store: same rows, same values."""
+    _redis_client()
+    settings = settings_for(pit_settings.home, monkeypatch, "production")
+    settings = dataclasses.replace(settings, extra={**settings.extra,
+                                                    "feast_project": f"recsys_test_{uuid.uuid4().hex[:10]}"})
+    fs_store.apply_repo(settings)
+    store = fs.get_store(settings)
+    assert store.config.offline_store.type == "spark"
+    assert type(store.get_feature_view("user_stats_fv").batch_source).__name__ == "SparkSource"
+    requests = mixed_requests()
+    expected = history.training_set(requests, "ranker_v1", store=pit_store)
+    got = history.training_set(requests, "ranker_v1", store=store)
+    pd.testing.assert_frame_equal(got, expected)
 
 
 def test_training_set_rejects_incomplete_entity_rows(pit_store: Any) -> None:

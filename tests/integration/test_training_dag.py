@@ -140,10 +140,13 @@ def _check_retrieval(run, ml100k):
     assert current["index_dir"] == built["index_dir"] and current["sha256"] == index.sha256
     # MLflow has the run with its lineage, curves and test metrics.
     out = run.manifest["tasks"]["train_two_tower"]["outputs"]
+    out_ts = run.manifest["tasks"]["training_set"]["outputs"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(run.manifest['run_dir']).parents[1]}/mlflow/mlflow.db")
     logged = client.get_run(out["mlflow_run_id"])
     assert logged.data.tags["recsys.data_snapshot_sha256"] == run.manifest["data"]["snapshot_sha256"]
     assert logged.data.tags["recsys.run_id"] == run.run_id
+    # tagged with the service the training examples' features came from
+    assert logged.data.tags["recsys.feature_service"] == out_ts["feature_service"] == "ranker_v1"
     assert logged.data.metrics["test.two_tower.recall_at_100"] == pytest.approx(tt["recall@100"])
     assert "index.latency_ms_p99" in logged.data.metrics
     assert len(client.get_metric_history(logged.info.run_id, "two_tower.trial0.loss")) == len(trial["history"])

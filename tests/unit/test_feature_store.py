@@ -44,7 +44,7 @@ def test_embedded_config_puts_all_state_under_the_feature_store_dir(tmp_path: Pa
     config = fs.repo_config_dict(settings)
     assert config["project"] == "recsys"
     assert config["provider"] == "local"
-    assert config["offline_store"] == {"type": "file"}
+    assert config["offline_store"] == {"type": "duckdb"}  # exact point-in-time joins at millions of rows
     assert config["online_store"] == {"type": "sqlite", "path": str(settings.feature_store_dir / "online_store.db")}
     assert config["registry"] == str(settings.feature_store_dir / "registry.db")
 
@@ -54,14 +54,18 @@ def test_production_config_uses_redis_from_settings(tmp_path: Path) -> None:
     assert config["online_store"] == {"type": "redis", "connection_string": "redis.example:6380,db=2"}
     assert config["project"] == "recsys_ci_1"
     assert config["registry"] == str(tmp_path / "feature_store" / "registry.db")
+    assert config["offline_store"]["type"] == "spark"
+    assert config["offline_store"]["spark_conf"]["spark.master"] == "local[*]"  # RECSYS_SPARK_MASTER's default
 
 
-def test_profiles_share_everything_but_the_online_store() -> None:
+def test_profiles_share_everything_but_the_stores() -> None:
     """The production yaml differs from the default only where the architecture says it should."""
     default = yaml.safe_load((fs.feature_repo_dir() / "feature_store.yaml").read_text())
     production = yaml.safe_load((fs.feature_repo_dir() / "feature_store.production.yaml").read_text())
-    assert {k: v for k, v in default.items() if k != "online_store"} == {
-        k: v for k, v in production.items() if k != "online_store"}
+    stores = ("online_store", "offline_store")
+    assert {k: v for k, v in default.items() if k not in stores} == {
+        k: v for k, v in production.items() if k not in stores}
+    assert (default["offline_store"]["type"], production["offline_store"]["type"]) == ("duckdb", "spark")
     assert default["registry"] == "${RECSYS_HOME}/feature_store/registry.db"  # plain `feast` CLI: env expansion
     assert production["online_store"]["connection_string"] == "${RECSYS_REDIS_URL}"
 
@@ -93,49 +97,39 @@ def test_materialize_end(given: object, expected: datetime) -> None:
     assert end.tzinfo is not None and end.utcoffset() == timedelta(0)
 
 
-# --- aligning Feast's answer with the request -------------------------------------------------
+# --- restoring the request order from the store's answer -------------------------------------------------
 
 def _ts(text: str) -> pd.Timestamp:
     return pd.Timestamp(text, tz="UTC")
 
 
-def test_align_to_requests_keeps_order_duplicates_and_missing_rows() -> None:
+def test_attach_by_row_id_keeps_order_index_duplicates_and_missing_rows() -> None:
     requests = pd.DataFrame({
         "user_id": ["b", "a", "c", "b", "a"],
         "event_timestamp": [_ts("2024-01-03"), _ts("2024-01-01"), _ts("2024-01-02"), _ts("2024-01-03"),
                             _ts("2024-01-02")],
         "label": [1, 0, 1, 0, 1],
     }, index=[9, 7, 5, 3, 1])
-    # Feast's answer: sorted by time, row for "c" dropped, ("a", 01-02) dropped.
-    features = pd.DataFrame({
-        "user_id": ["a", "b"],
-        "event_timestamp": [_ts("2024-01-01"), _ts("2024-01-03")],
-        "f": [10.0, 30.0],
-        "g": ["x", "y"],
-    })
-    out = history.align_to_requests(requests, features, ["user_id"], ["f", "g"])
+    # The store's answer: in its own order (by time), no row for positions 2 ("c") and 4.
+    features = pd.DataFrame({history.ROW_ID: [1, 3, 0], "f": [10.0, 30.0, 30.0], "g": ["x", "y", "y"]})
+    out = history.attach_by_row_id(requests, features, ["f", "g"])
     assert out.index.tolist() == [9, 7, 5, 3, 1]
     pd.testing.assert_frame_equal(out[requests.columns], requests)
     assert out["f"].tolist()[:2] == [30.0, 10.0] and out["f"].isna().tolist() == [False, False, True, False, True]
     assert out["g"].tolist()[:2] == ["y", "x"] and out["g"].tolist()[3] == "y"
 
 
-def test_align_to_requests_matches_naive_utc_other_units_and_non_string_keys() -> None:
-    requests = pd.DataFrame({"item_id": [7, 8], "event_timestamp": [datetime(2024, 1, 1, 12), datetime(2024, 1, 2)]})
-    features = pd.DataFrame({
-        "item_id": ["8", "7"],
-        "event_timestamp": pd.to_datetime(["2024-01-02T01:00:00+01:00", "2024-01-01T12:00:00Z"], utc=True)
-        .as_unit("us").tz_convert("Europe/Paris"),
-        "f": [2, 1],
-    })
-    out = history.align_to_requests(requests, features, ["item_id"], ["f"])
-    assert out["f"].tolist() == [1, 2]
+def test_attach_by_row_id_refuses_a_duplicated_row() -> None:
+    requests = pd.DataFrame({"user_id": ["a", "b"], "event_timestamp": [_ts("2024-01-01")] * 2})
+    features = pd.DataFrame({history.ROW_ID: [0, 0, 1], "f": [1, 2, 3]})
+    with pytest.raises(RuntimeError, match="1 duplicate rows"):
+        history.attach_by_row_id(requests, features, ["f"])
 
 
-def test_align_to_requests_refuses_to_overwrite_caller_columns() -> None:
+def test_attach_by_row_id_refuses_to_overwrite_caller_columns() -> None:
     requests = pd.DataFrame({"user_id": ["a"], "event_timestamp": [_ts("2024-01-01")], "f": [1]})
     with pytest.raises(ValueError, match=r"\['f'\]"):
-        history.align_to_requests(requests, requests, ["user_id"], ["f"])
+        history.attach_by_row_id(requests, requests.assign(**{history.ROW_ID: [0]}), ["f"])
 
 
 def test_with_dtypes_is_stable_with_and_without_nulls() -> None:

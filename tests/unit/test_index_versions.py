@@ -39,3 +39,17 @@ def test_catalog_items_from_a_file(tmp_path):
     items = catalog_items(str(tmp_path / "items.csv"))
     assert items["item_id"].tolist() == ["i1", "i2"]
     assert "available" in items
+
+
+def test_the_catalog_recipe_reproduces_a_runs_catalog(tmp_path, monkeypatch):
+    """The refresh reads the catalog the model was trained from: synthetic settings or an absolute location."""
+    from pipeline_tasks.retrieval.refresh import catalog_recipe
+
+    settings = {"n_users": 50, "n_items": 77, "n_days": 10, "n_events": 2000, "seed": 3, "faults": "none"}
+    recipe = catalog_recipe("synthetic", settings)
+    items = catalog_items(recipe["source"], recipe["synthetic"])
+    assert len(items) == 77 and len(catalog_items("synthetic")) != 77  # not the default generator's catalog
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shop").mkdir()
+    assert catalog_recipe("shop") == {"source": str(tmp_path / "shop")}  # survives another working directory
+    assert catalog_recipe("movielens:ml") == {"source": f"movielens:{tmp_path / 'ml'}"}

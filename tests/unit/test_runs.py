@@ -90,3 +90,56 @@ def test_snapshot_hash_depends_on_content_only(tmp_path):
     write_contract_dir(_tables([1.0, 2.0]), tmp_path / "c")
     assert snapshot_hash(tmp_path / "a") == snapshot_hash(tmp_path / "b")
     assert snapshot_hash(tmp_path / "a") != snapshot_hash(tmp_path / "c")
+
+
+def test_run_config_is_resolved_once_and_read_back_from_the_manifest(tmp_path, monkeypatch):
+    """Later tasks read the config the run started with, even if the environment changed since."""
+    from pipeline_tasks.core.runs import start_run
+    from pipeline_tasks.stages.common import resolve_config, run_config, validation_config
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    monkeypatch.setenv("RECSYS_QUALITY_THRESHOLD", "0.8")
+    config = resolve_config({"source": "movielens:/data/ml", "horizon_days": 9000, "two_tower": None})
+    assert config["quality_threshold"] == 0.8 and config["horizon_days"] == 9000  # settings, then params
+    assert config["two_tower"] == {} and config["drift_mode"] == "warn"  # defaults where params are null
+    start_run("manual__cfg", config=dict(config))
+    monkeypatch.setenv("RECSYS_QUALITY_THRESHOLD", "0.99")
+    assert run_config("manual__cfg") == config
+    assert validation_config(run_config("manual__cfg")).quality_threshold == 0.8
+
+
+def test_unknown_or_invalid_run_params_are_permanent_errors():
+    from pipeline_tasks.core.errors import InvalidParamsError, PermanentError
+    from pipeline_tasks.stages.common import resolve_config
+
+    with pytest.raises(InvalidParamsError, match=r"unknown run params \['sourse'\]") as err:
+        resolve_config({"sourse": "synthetic"})
+    assert isinstance(err.value, PermanentError)
+    with pytest.raises(InvalidParamsError, match="drift_mode='banana'"):
+        resolve_config({"drift_mode": "banana"})
+
+
+def test_manifest_lock_wait_is_bounded_and_names_the_holder(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from pipeline_tasks.core import runs
+
+    root = tmp_path / "run"
+    root.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from pipeline_tasks.core.locks import file_lock\n"
+        "with file_lock(Path(sys.argv[1]), 5, 'run manifest', 'test'):\n"
+        "    print('held', flush=True); time.sleep(30)"), str(root / "manifest.lock")], stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(runs, "MANIFEST_LOCK_TIMEOUT_S", 0.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=rf"run manifest lock .* by .*\"pid\": {holder.pid}"):
+            runs.update_manifest(root, x=1)
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
