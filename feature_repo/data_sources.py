@@ -2,15 +2,15 @@
 
 Layout ``<feature_store_dir>/offline/<table>/snapshot_date=YYYY-MM-DD/part-*.parquet``; each row is
 valid from its ``event_timestamp`` (the end of its UTC day) and uses only earlier events. The
-paths follow RECSYS_HOME, resolved the same way as everywhere else (pipeline_tasks.core.settings).
+paths follow RECSYS_HOME and the source's namespace, resolved the same way as everywhere else.
 The same tables are read by the profile's offline store: DuckDB (embedded; a FileSource over the
 partitions' parquet files) or Spark (production; a SparkSource over the partitioned directory).
 """
 
-from pipeline_tasks.core.settings import load_settings
-from pipeline_tasks.online.feature_store import offline_source_kwargs
+from pipeline_tasks.online.feature_store import offline_source_kwargs, repo_settings
 
-_PROFILE = load_settings().profile
+_SETTINGS = repo_settings()  # the apply in progress (its namespace and profile), else the environment's
+_PROFILE = _SETTINGS.profile
 
 if _PROFILE == "production":
     from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource as _Source
@@ -23,7 +23,7 @@ user_features_source = _Source(
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
     description="Daily user snapshots written by build_features.",
-    **offline_source_kwargs("user_features", _PROFILE),
+    **offline_source_kwargs("user_features", _PROFILE, _SETTINGS),
 )
 
 # One row per item per day: popularity, trend, funnel rates, age, category.
@@ -32,5 +32,5 @@ item_features_source = _Source(
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
     description="Daily item snapshots written by build_features.",
-    **offline_source_kwargs("item_features", _PROFILE),
+    **offline_source_kwargs("item_features", _PROFILE, _SETTINGS),
 )

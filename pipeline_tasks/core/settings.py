@@ -30,6 +30,9 @@ class Settings:
     horizon_days: int = DEFAULT_HORIZON_DAYS
     bot_events_per_day: int = DEFAULT_BOT_EVENTS_PER_DAY
     quality_threshold: float = DEFAULT_QUALITY_THRESHOLD
+    # The data source's identity (``pipeline_tasks.core.namespace``): its own feature store and MLflow
+    # experiment, so two sources in one home never mix. Runs set it from their source; tools default to it.
+    namespace: str = "default"
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -38,8 +41,8 @@ class Settings:
 
     @property
     def feature_store_dir(self) -> Path:
-        """Long-lived Feast state: registry, online store (SQLite), offline feature tables."""
-        return self.home / "feature_store"
+        """Long-lived Feast state of this namespace: registry, online store (SQLite), offline feature tables."""
+        return self.home / "feature_store" / self.namespace
 
     @property
     def mlflow_dir(self) -> Path:
@@ -79,6 +82,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         horizon_days=int(env.get("RECSYS_HORIZON_DAYS", DEFAULT_HORIZON_DAYS)),
         bot_events_per_day=int(env.get("RECSYS_BOT_EVENTS_PER_DAY", DEFAULT_BOT_EVENTS_PER_DAY)),
         quality_threshold=float(env.get("RECSYS_QUALITY_THRESHOLD", DEFAULT_QUALITY_THRESHOLD)),
+        namespace=env.get("RECSYS_NAMESPACE") or "default",
         extra={"redis_url": env.get("RECSYS_REDIS_URL", "127.0.0.1:6379"),
                "mlflow_tracking_uri": env.get("RECSYS_MLFLOW_TRACKING_URI", "")},
     )

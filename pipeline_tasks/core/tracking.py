@@ -12,7 +12,12 @@ from pipeline_tasks.core.settings import Settings, disable_telemetry, load_setti
 
 log = logging.getLogger(__name__)
 
-RETRIEVAL_EXPERIMENT = "recsys_retrieval"
+RETRIEVAL_EXPERIMENT = "recsys_retrieval"  # + the source's namespace: one experiment per data source
+
+
+def retrieval_experiment(namespace: str) -> str:
+    """The MLflow experiment of a source's retrieval runs (``recsys_retrieval_<namespace>``)."""
+    return f"{RETRIEVAL_EXPERIMENT}_{namespace}"
 
 
 def mlflow_experiment(name: str, settings: Settings | None = None) -> str:

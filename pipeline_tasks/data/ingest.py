@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from pipeline_tasks.data.contract import ContractError, ContractTables, read_contract_dir, write_contract_dir
 
@@ -60,10 +60,19 @@ def load_source(source: str, synthetic: dict[str, Any] | None = None) -> Contrac
     )
 
 
-def ingest(source: str, out_dir: str | Path, synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
+class IngestResult(TypedDict):
+    """What ``ingest`` hands to ``validate``: the canonical tables of the source."""
+
+    contract_dir: str
+    tables: dict[str, str]
+    counts: dict[str, int]
+    source: str
+
+
+def ingest(source: str, out_dir: str | Path, synthetic: dict[str, Any] | None = None) -> IngestResult:
     """Write the source's tables as a contract directory under ``out_dir``; return paths and counts."""
     tables = load_source(source, synthetic)
     paths = write_contract_dir(tables, Path(out_dir))
     counts = tables.counts()
     log.info("ingested %s: %s rows -> %s", source, counts, out_dir)
-    return {"contract_dir": str(out_dir), "tables": paths, "counts": counts, "source": source}
+    return IngestResult(contract_dir=str(out_dir), tables=paths, counts=counts, source=source)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import pandas as pd
 
@@ -68,7 +68,19 @@ def time_split(interactions: pd.DataFrame, config: SplitConfig) -> dict[str, pd.
     }
 
 
-def split_contract_dir(accepted_dir: str | Path, out_dir: str | Path, config: SplitConfig) -> dict[str, Any]:
+class SplitResult(TypedDict):
+    """The three windows' parquet files, ``split.json`` and the boundaries."""
+
+    train: str
+    validation: str
+    test: str
+    split_info: str
+    t_val: str
+    t_test: str
+    counts: dict[str, int]
+
+
+def split_contract_dir(accepted_dir: str | Path, out_dir: str | Path, config: SplitConfig) -> SplitResult:
     """The ``split`` stage: write ``<window>.parquet`` and ``split.json`` (boundaries and counts)."""
     tables = read_contract_dir(accepted_dir)
     t_val, t_test = boundaries(tables.interactions, config)
@@ -93,5 +105,6 @@ def split_contract_dir(accepted_dir: str | Path, out_dir: str | Path, config: Sp
     }
     (out / "split.json").write_text(json.dumps(info, indent=2))
     log.info("split %s at t_val=%s t_test=%s: %s", accepted_dir, info["t_val"], info["t_test"], info["counts"])
-    return {**paths, "split_info": str(out / "split.json"), "t_val": info["t_val"], "t_test": info["t_test"],
-            "counts": info["counts"]}
+    return SplitResult(train=paths["train"], validation=paths["validation"], test=paths["test"],
+                       split_info=str(out / "split.json"), t_val=info["t_val"], t_test=info["t_test"],
+                       counts=info["counts"])

@@ -14,7 +14,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -342,9 +342,22 @@ def gate_message(report: dict[str, Any], quarantine_dir: str, docs: str | None) 
     )
 
 
+class ValidationResult(TypedDict):
+    """What ``validate`` hands on: the accepted contract directory, the quarantine and the report."""
+
+    accepted_dir: str
+    accepted: dict[str, str]
+    quarantine_dir: str
+    report: str
+    data_docs: str | None
+    counts: dict[str, dict[str, int]]
+    quality_rate: float
+    spikes: int
+
+
 def validate_contract_dir(
     input_dir: str | Path, out_dir: str | Path, config: ValidationConfig, now: datetime | None = None
-) -> dict[str, Any]:
+) -> ValidationResult:
     """The ``validate`` stage: read a contract dir, write accepted/, quarantine/, report.json and
     Data Docs under ``out_dir``; raise :class:`DataQualityError` below the quality threshold."""
     out = Path(out_dir)
@@ -364,13 +377,13 @@ def validate_contract_dir(
              input_dir, t["input"], t["accepted"], t["quarantined"], 100 * report["quality_rate"], t["reasons"])
     if not report["passed"]:
         raise DataQualityError(gate_message(report, str(qdir), report["outputs"]["data_docs"]))
-    return {
-        "accepted_dir": str(out / "accepted"),
-        "accepted": accepted,
-        "quarantine_dir": str(qdir),
-        "report": str(out / "report.json"),
-        "data_docs": report["outputs"]["data_docs"],
-        "counts": {k: {kk: v[kk] for kk in ("input", "accepted", "quarantined")} for k, v in report["tables"].items()},
-        "quality_rate": report["quality_rate"],
-        "spikes": len(report["spikes"]),
-    }
+    return ValidationResult(
+        accepted_dir=str(out / "accepted"),
+        accepted=accepted,
+        quarantine_dir=str(qdir),
+        report=str(out / "report.json"),
+        data_docs=report["outputs"]["data_docs"],
+        counts={k: {kk: v[kk] for kk in ("input", "accepted", "quarantined")} for k, v in report["tables"].items()},
+        quality_rate=report["quality_rate"],
+        spikes=len(report["spikes"]),
+    )

@@ -21,7 +21,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -206,6 +206,15 @@ def skip_reason(ref: pd.Series, cur: pd.Series, kind: str) -> str | None:
                               "the reference window" if not ref_has else "the current window")
 
 
+class DriftResult(TypedDict):
+    """The report files, the flagged features and PSI per feature (small enough for an XCom)."""
+
+    report_html: str
+    report_json: str
+    flagged: list[str]
+    psi: dict[str, float]
+
+
 def drift_check(
     reference: pd.DataFrame,
     current: pd.DataFrame,
@@ -214,7 +223,7 @@ def drift_check(
     config: DriftConfig,
     extra_reference: pd.DataFrame | None = None,
     extra_current: pd.DataFrame | None = None,
-) -> dict[str, Any]:
+) -> DriftResult:
     """Compare ``current`` with ``reference`` by PSI per feature; write the HTML and JSON report.
 
     Args:
@@ -312,7 +321,7 @@ def drift_check(
         if config.mode == "fail":
             raise DriftError(message)
         log.warning(message)
-    return {"report_html": str(html_path), "report_json": str(json_path), "flagged": flagged, "psi": psi}
+    return DriftResult(report_html=str(html_path), report_json=str(json_path), flagged=flagged, psi=psi)
 
 
 def _read_psi(snapshot: dict[str, Any], columns: list[str]) -> tuple[dict[str, float], dict[str, str]]:
@@ -346,7 +355,7 @@ def drift_check_split(
     reference_path: str | Path | None = None,
     extra_reference_path: str | Path | None = None,
     extra_current_path: str | Path | None = None,
-) -> dict[str, Any]:
+) -> DriftResult:
     """The ``drift_check`` stage: the split's newest window (``test.parquet``) against a reference.
 
     Args:

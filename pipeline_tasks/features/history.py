@@ -7,8 +7,9 @@ import io
 import logging
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRAINING_SET = "training_set.parquet"
+PIT_CHUNK_ROWS = 1_000_000  # entity rows per offline-store query (bounds memory; ~3 GB peak per chunk)
 ROW_ID = "recsys_row_id"  # carried through the offline store's join to restore the request order
 
 
@@ -30,23 +32,31 @@ def attach_by_row_id(requests: pd.DataFrame, features: pd.DataFrame, feature_col
     """The caller's rows, in their order and index, then ``feature_columns`` taken from ``features`` by row id.
 
     ``features`` has a ``ROW_ID`` column naming the request's position (0..n-1), in any order; a
-    position without a row gets nulls. A position twice is an error (the store duplicated a row).
+    position without a row gets nulls (None for strings). A position twice is an error (the store
+    duplicated a row). Column dtypes are kept; ``requests`` is not modified (nor copied: millions of rows).
     """
     clash = sorted(set(requests.columns) & set(feature_columns))
     if clash:
         raise ValueError(f"entity rows already have columns named like features: {clash}; rename them")
-    ids = features[ROW_ID].to_numpy()
-    if len(pd.unique(ids)) != len(ids):
-        raise RuntimeError(f"the offline store returned {len(ids) - len(pd.unique(ids))} duplicate rows for "
-                           f"{len(requests)} requests; the point-in-time join is broken")
-    aligned = features.set_index(ROW_ID).reindex(range(len(requests)))
-    missing = int(aligned.index.difference(pd.Index(ids)).size)
-    if missing:
+    ids = features[ROW_ID].to_numpy(dtype=np.int64)
+    duplicates = len(ids) - len(np.unique(ids))
+    if duplicates:
+        raise RuntimeError(f"the offline store returned {duplicates} duplicate rows for {len(requests)} requests; "
+                           "the point-in-time join is broken")
+    position = np.full(len(requests), -1, dtype=np.int64)
+    position[ids] = np.arange(len(ids))
+    missing = position < 0
+    if missing.any():
         log.warning("the offline store returned no row for %d of %d requests; they get null features",
-                    missing, len(requests))
-    out = requests.copy()
+                    int(missing.sum()), len(requests))
+    out = requests.copy(deep=False)  # new columns go to this frame only
     for column in feature_columns:
-        out[column] = aligned[column].to_numpy()
+        values = features[column]
+        source = values.to_numpy() if values.dtype.kind in "fO" else values.array
+        taken = pd.api.extensions.take(source, position, allow_fill=True)
+        if values.dtype == object:
+            taken[missing] = None
+        out[column] = taken
     return out
 
 
@@ -56,7 +66,8 @@ def _utc_us(values: pd.Series) -> pd.Series:
 
 
 def training_set(entity_rows: pd.DataFrame, feature_service: str, settings: Settings | None = None,
-                 *, store: FeatureStore | None = None) -> pd.DataFrame:
+                 *, store: FeatureStore | None = None, chunk_rows: int = PIT_CHUNK_ROWS,
+                 until: datetime | pd.Timestamp | None = None, keys: Sequence[str] | None = None) -> pd.DataFrame:
     """Point-in-time correct features for each entity row: the one Feast historical read of the project.
 
     ``entity_rows`` needs the service's join keys (``user_id`` and/or ``item_id``) and an
@@ -65,9 +76,15 @@ def training_set(entity_rows: pd.DataFrame, feature_service: str, settings: Sett
     feature row was valid at that time (unknown entity, nothing yet, or older than the view's TTL).
     The profile's offline store (DuckDB embedded, Spark in production) does the join in one query
     over all the service's views; a row id carried through it restores the order.
+
+    ``until`` (the end of a run's last recorded snapshot day) caps the moments asked about, so a run
+    reads only the partitions it recorded, never one written later. ``keys`` restricts the read to the
+    service's views with those join keys (e.g. ``["item_id"]`` for item features alone).
     """
     store = store or get_store(settings)
-    views = service_views(store, feature_service)
+    views = [v for v in service_views(store, feature_service) if keys is None or v.join_key in keys]
+    if not views:
+        raise ValueError(f"{feature_service} has no feature view with join keys {list(keys or [])}")
     keys = list(dict.fromkeys(v.join_key for v in views))
     needed = [*keys, ENTITY_TIMESTAMP]
     absent = [c for c in needed if c not in entity_rows.columns]
@@ -79,24 +96,49 @@ def training_set(entity_rows: pd.DataFrame, feature_service: str, settings: Sett
         raise ValueError(f"{int(nulls.sum())} entity rows have a null in {needed} (first: {first}); drop them first")
     feature_columns = [f for v in views for f in v.features]
     if not len(entity_rows):
-        return with_dtypes(attach_by_row_id(entity_rows, pd.DataFrame(columns=[ROW_ID, *feature_columns]),
-                                            feature_columns), views)
+        return attach_by_row_id(entity_rows, with_dtypes(pd.DataFrame(columns=[ROW_ID, *feature_columns]), views),
+                                feature_columns)
 
     request = pd.DataFrame({key: entity_rows[key].astype(str).to_numpy() for key in keys})
-    request[ENTITY_TIMESTAMP] = _utc_us(entity_rows[ENTITY_TIMESTAMP]).to_numpy()
+    moments = _utc_us(entity_rows[ENTITY_TIMESTAMP])
+    if until is not None:
+        moments = moments.clip(upper=pd.Timestamp(until).tz_convert("UTC") if pd.Timestamp(until).tzinfo
+                               else pd.Timestamp(until).tz_localize("UTC"))
+    request[ENTITY_TIMESTAMP] = moments.to_numpy()
     request[ROW_ID] = np.arange(len(request), dtype=np.int64)
+    service = [ref for view in views for ref in view.refs]
     started = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # Feast prints progress; the task log gets the summary
-        features = store.get_historical_features(
-            entity_df=request, features=store.get_feature_service(feature_service, allow_cache=True)).to_df()
+    parts = []
+    # In chunks: the store's answer carries every request column again, so memory grows with the chunk,
+    # not with the whole request (5 M rows at once peaked at 12.6 GB; see tests/benchmarks/bench_point_in_time.py).
+    for start in range(0, len(request), chunk_rows):
+        with contextlib.redirect_stdout(io.StringIO()):  # Feast prints progress; the task log gets the summary
+            answer = store.get_historical_features(entity_df=request.iloc[start:start + chunk_rows],
+                                                   features=service).to_df()
+        parts.append(with_dtypes(answer[[ROW_ID, *feature_columns]], views))
+        del answer
     del request
+    features = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+    del parts
     log.info("%s: %d point-in-time rows from the %s offline store in %.1fs", feature_service, len(entity_rows),
              store.config.offline_store.type, time.perf_counter() - started)
-    return with_dtypes(attach_by_row_id(entity_rows, features, feature_columns), views)
+    return attach_by_row_id(entity_rows, features, feature_columns)
+
+
+class TrainingSetResult(TypedDict, total=False):
+    """The training set's file, its rows and the share of rows that got features, per view."""
+
+    training_set: str
+    rows: int
+    entity_rows: int
+    feature_service: str
+    coverage: dict[str, float]
+    context_columns: list[str]  # added by the training_set stage
 
 
 def training_set_stage(entity_rows: str | Path | pd.DataFrame, out_dir: str | Path,
-                       feature_service: str = "ranker_v1", settings: Settings | None = None) -> dict[str, Any]:
+                       feature_service: str = "ranker_v1", settings: Settings | None = None,
+                       until: datetime | pd.Timestamp | None = None) -> TrainingSetResult:
     """Write ``training_set.parquet`` for the entity rows (a parquet path or a DataFrame).
 
     Returns the path, the row counts and, per feature view, the share of rows that got features
@@ -106,14 +148,14 @@ def training_set_stage(entity_rows: str | Path | pd.DataFrame, out_dir: str | Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = get_store(settings)
-    df = training_set(rows, feature_service, store=store)
+    df = training_set(rows, feature_service, store=store, until=until)
     path = out_dir / TRAINING_SET
     df.to_parquet(path, index=False)
     coverage = {v.view: round(float(df[list(v.features)].notna().any(axis=1).mean()), 4) if len(df) else 0.0
                 for v in service_views(store, feature_service)}
     log.info("training set %s: %d rows, share of rows with features per view %s", path, len(df), coverage)
-    return {"training_set": str(path), "rows": len(df), "entity_rows": len(rows), "feature_service": feature_service,
-            "coverage": coverage}
+    return TrainingSetResult(training_set=str(path), rows=len(df), entity_rows=len(rows),
+                             feature_service=feature_service, coverage=coverage)
 
 
 def _snapshot_day_before(ts: str) -> str:
@@ -121,20 +163,39 @@ def _snapshot_day_before(ts: str) -> str:
     return (to_utc(ts).floor("D") - pd.Timedelta(days=1)).date().isoformat()
 
 
-def snapshot_rows(day: str, columns: dict[str, list[str]] | None = None
+def snapshot_rows(day: str, columns: dict[str, list[str]] | None = None, settings: Settings | None = None
                   ) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """The user and item feature rows of one daily snapshot (``None`` where the store has no such partition);
-    ``columns`` limits what is read, per table."""
+    """All user and item rows of one recorded daily snapshot (``None`` where there is no such partition);
+    ``columns`` limits what is read, per table. For distributions over a whole day (the drift check);
+    features of given entities at given moments come from :func:`training_set`."""
     from pipeline_tasks.online.feature_store import offline_table_dir
 
     out: list[pd.DataFrame | None] = []
     for table in ("user_features", "item_features"):
-        part = offline_table_dir(table) / f"snapshot_date={day}"
+        part = offline_table_dir(table, settings) / f"snapshot_date={day}"
         wanted = (columns or {}).get(table)
         out.append(pd.read_parquet(part, columns=wanted) if part.exists() else None)
     return out[0], out[1]
 
 
-def snapshot_at(moment: pd.Timestamp) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """The feature rows valid at ``moment``: the snapshot of the UTC day before (what the online store serves)."""
-    return snapshot_rows(_snapshot_day_before(str(moment)))
+def features_at(moment: datetime | pd.Timestamp | str, *, user_ids: Sequence[str] = (), item_ids: Sequence[str] = (),
+                feature_service: str = "two_tower_v1", settings: Settings | None = None,
+                until: datetime | pd.Timestamp | None = None,
+                store: FeatureStore | None = None) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The users' and items' features valid at ``moment`` (what the online store served then), through the
+    same point-in-time read as training sets: ``(user_rows, item_rows)``, ``None`` for an empty id list."""
+    store = store or get_store(settings)
+    at = to_utc(str(moment))
+    out: list[pd.DataFrame | None] = []
+    for key, ids in (("user_id", user_ids), ("item_id", item_ids)):
+        if not len(ids):
+            out.append(None)
+            continue
+        rows = pd.DataFrame({key: pd.Series(list(ids), dtype=object).astype(str), ENTITY_TIMESTAMP: at})
+        out.append(training_set(rows, feature_service, store=store, until=until, keys=[key]))
+    return out[0], out[1]
+
+
+def end_of_day(day: str) -> pd.Timestamp:
+    """The end of a snapshot day (midnight starting the next UTC day): the run's ``until`` for its last day."""
+    return pd.Timestamp(day, tz="UTC") + pd.Timedelta(days=1)

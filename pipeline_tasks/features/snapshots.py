@@ -2,11 +2,17 @@
 
 One row per entity per UTC day ``d``, from the entity's first day (user: first event; item:
 ``created_at`` or first event, whichever is earlier, but no earlier than the day before the
-data's first event) through the end day (the last day with an event, or ``end_date``). A row's
-``event_timestamp`` (= ``created_timestamp``) is the end of day ``d``, midnight starting
-``d + 1`` UTC: the moment from which the row is valid. It is computed only from events with
+data's first event) through the end day (the last day with an event, or ``end_date``, and never a
+day that is not over yet at ``complete_before``). A row's ``event_timestamp`` is the end of day
+``d``, midnight starting ``d + 1`` UTC: the moment from which the row is valid; its
+``created_timestamp`` is when the job wrote it. It is computed only from events with
 ``timestamp < event_timestamp``, so a point-in-time join (Feast historical retrieval) never sees
 the future. Column names and types: :data:`USER_FEATURE_COLUMNS`, :data:`ITEM_FEATURE_COLUMNS`.
+
+Append-only history: a day once written is never rewritten, so a training set reads the values
+serving had. Each run writes only the days after the last recorded one (``_partitions.json`` in
+each table: day -> SHA-256, rows, when and by which job); events that arrive late (with an older
+timestamp) count from the next new day on.
 
 Definitions: a session ends after more than 30 minutes without an event and at UTC midnight (so
 it never straddles a snapshot); ``user_last_items`` lists distinct items, most recent first (ties
@@ -28,9 +34,9 @@ import json
 import logging
 import sys
 import time
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as sf
@@ -171,7 +177,8 @@ def _events(interactions: DataFrame, end_day: int | None) -> DataFrame:
 
 
 def _snapshot_columns() -> list[Column]:
-    """``event_timestamp`` = ``created_timestamp`` = end of day d; ``snapshot_date`` = d."""
+    """``event_timestamp`` = end of day d (``created_timestamp`` too, until the job stamps its own time);
+    ``snapshot_date`` = d."""
     end = sf.timestamp_micros((sf.col("day").cast("long") + 1) * sf.lit(DAY_US))
     return [
         end.alias(EVENT_TIMESTAMP),
@@ -448,7 +455,8 @@ def _empty_schema(columns: list[str], key: str) -> str:
 def _write(df: DataFrame, path: Path, key: str) -> dict[str, Any]:
     """Parquet partitioned by ``snapshot_date``, one file per day, rows sorted by entity id.
 
-    Dynamic partition overwrite: only the days in ``df`` are replaced; other days stay.
+    Dynamic partition overwrite: only the days in ``df`` are written (new days, or the leftovers of a
+    job that died before recording them); recorded days are never in ``df``.
 
     Returns:
         The rows written and their first and last ``snapshot_date`` (observed while writing).
@@ -462,23 +470,90 @@ def _write(df: DataFrame, path: Path, key: str) -> dict[str, Any]:
     return observation.get
 
 
+class FeaturesResult(TypedDict, total=False):
+    """What the feature job wrote, and the days a run may read (with each partition's SHA-256)."""
+
+    user_features: str
+    item_features: str
+    rows: dict[str, int]  # rows written by this job, per table
+    written_days: dict[str, list[str]]  # days written by this job, per table
+    first_day: str | None  # the readable range: recorded days up to the run's end day
+    last_day: str | None
+    days: int
+    partitions: dict[str, dict[str, str]]  # table -> day -> SHA-256 of every readable partition
+    seconds: float
+    summary: str  # features.json, added by the stage
+
+
+PARTITIONS_FILE = "_partitions.json"  # Spark and DuckDB's glob both skip it: not a data file
+
+
+def recorded_partitions(table_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The days a table holds for good: ``{day: {sha256, rows, files, created_at}}`` (empty if none)."""
+    path = Path(table_dir) / PARTITIONS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def partition_sha256(part_dir: Path) -> tuple[str, int, list[str]]:
+    """SHA-256 over a partition's parquet files (names and bytes, in name order), its rows and file names."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+    files = sorted(part_dir.glob("*.parquet"))
+    rows = 0
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+        rows += pq.read_metadata(f).num_rows
+    return digest.hexdigest(), rows, [f.name for f in files]
+
+
+def _record(table_dir: Path, days: list[str], job_time: datetime) -> dict[str, dict[str, Any]]:
+    """Add the newly written days (with their checksums) to the table's record; returns the whole record."""
+    record = recorded_partitions(table_dir)
+    for day in days:
+        sha, rows, files = partition_sha256(table_dir / f"{SNAPSHOT_DATE}={day}")
+        record[day] = {"sha256": sha, "rows": rows, "files": files, "created_at": job_time.isoformat()}
+    tmp = table_dir / (PARTITIONS_FILE + ".tmp")
+    tmp.write_text(json.dumps(dict(sorted(record.items())), indent=1))
+    tmp.replace(table_dir / PARTITIONS_FILE)
+    return record
+
+
+def last_complete_day(complete_before: datetime | str | None) -> int | None:
+    """The last UTC day that is over at ``complete_before`` (its day number); None means no limit."""
+    if complete_before is None:
+        return None
+    moment = datetime.fromisoformat(str(complete_before).replace("Z", "+00:00"))
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return day_number(moment.date()) - 1
+
+
 def build_features(spark: SparkSession, contract_dir: str | Path, out_dir: str | Path,
-                   end_date: str | None = None) -> dict[str, Any]:
-    """Build the daily ``user_features`` and ``item_features`` snapshots of a contract directory.
+                   end_date: str | None = None, complete_before: datetime | str | None = None,
+                   job_time: datetime | None = None) -> FeaturesResult:
+    """Append the new days of the daily ``user_features`` and ``item_features`` snapshots of a contract directory.
 
     Writes ``out_dir/user_features/`` and ``out_dir/item_features/`` as parquet partitioned by
-    ``snapshot_date=YYYY-MM-DD``; a re-run replaces exactly the days it computes (idempotent).
+    ``snapshot_date=YYYY-MM-DD``: only days after the last recorded one, up to the end day; recorded
+    days are never rewritten, so a re-run with nothing new writes nothing.
 
     Args:
-        spark: the session (see :func:`pipeline_tasks.spark.get_spark`).
+        spark: the session (see :func:`pipeline_tasks.features.spark.get_spark`).
         contract_dir: a directory with ``interactions.parquet`` and ``items.parquet``.
         out_dir: where the two tables go.
         end_date: last snapshot day ``YYYY-MM-DD``; default the last day with an event.
+        complete_before: the run's ``as_of``: days not over by then are not written (default: now).
+        job_time: the ``created_timestamp`` of the new rows (default: now).
 
     Returns:
-        Paths, row counts (of the days written), the day range and the wall time in seconds.
+        Paths, rows written per table, the days written, the run's readable day range (first..last
+        recorded day up to the end day) with each partition's SHA-256, and the wall time in seconds.
     """
     started = time.perf_counter()
+    job_time = (job_time or datetime.now(UTC)).astimezone(UTC)
     # Also on a session that did not come from get_spark: timestamps as parquet TIMESTAMP(MICROS, UTC).
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     out_dir = Path(out_dir)
@@ -486,10 +561,14 @@ def build_features(spark: SparkSession, contract_dir: str | Path, out_dir: str |
     interactions, items = read_contract_tables(spark, contract_dir)
     counts_by_day = day_counts(_events(interactions, None))
     end_day = day_number(end_date) if end_date is not None else max(counts_by_day, default=None)
-    result: dict[str, Any] = {
-        "user_features": str(paths[USER_FEATURES]), "item_features": str(paths[ITEM_FEATURES]),
-        "rows": {USER_FEATURES: 0, ITEM_FEATURES: 0}, "first_day": None, "last_day": None, "days": 0,
-    }
+    complete = last_complete_day(job_time if complete_before is None else complete_before)
+    if end_day is not None and complete is not None and end_day > complete:
+        log.info("days after %s are not over yet at %s: not written", day_string(complete),
+                 complete_before or job_time)
+        end_day = complete
+    result = FeaturesResult(user_features=str(paths[USER_FEATURES]), item_features=str(paths[ITEM_FEATURES]),
+                            rows={USER_FEATURES: 0, ITEM_FEATURES: 0}, written_days={}, first_day=None,
+                            last_day=None, days=0, partitions={})
     if end_day is None:
         log.warning("%s: no interactions and no end_date: no feature rows written", contract_dir)
         result["seconds"] = round(time.perf_counter() - started, 2)
@@ -497,20 +576,35 @@ def build_features(spark: SparkSession, contract_dir: str | Path, out_dir: str |
     events = _events(interactions, end_day)
     catalog = _categories(items)
     counts_by_day = {day: n for day, n in counts_by_day.items() if day <= end_day}
-    written = {
-        USER_FEATURES: _write(_user_features(events, catalog, end_day).select(USER_FEATURE_COLUMNS),
-                              paths[USER_FEATURES], USER_ID),
-        ITEM_FEATURES: _write(_item_features(spark, events, catalog, end_day, counts_by_day)
-                              .select(ITEM_FEATURE_COLUMNS), paths[ITEM_FEATURES], ITEM_ID),
+    frames = {
+        USER_FEATURES: (_user_features(events, catalog, end_day).select(USER_FEATURE_COLUMNS), USER_ID),
+        ITEM_FEATURES: (_item_features(spark, events, catalog, end_day, counts_by_day)
+                        .select(ITEM_FEATURE_COLUMNS), ITEM_ID),
     }
-    result["rows"] = {name: int(w["rows"]) for name, w in written.items()}
-    first_days = [w["first_day"] for w in written.values() if w["first_day"] is not None]
-    result["first_day"] = min(first_days, default=None)
-    result["last_day"] = max((w["last_day"] for w in written.values() if w["last_day"] is not None), default=None)
-    result["days"] = day_number(result["last_day"]) - day_number(result["first_day"]) + 1 if first_days else 0
+    stamp = sf.timestamp_micros(sf.lit(int(job_time.timestamp() * 1_000_000)))
+    for table, (frame, key) in frames.items():
+        recorded = recorded_partitions(paths[table])
+        last = max(recorded, default=None)
+        if last is None or last < day_string(end_day):
+            new = frame if last is None else frame.where(sf.col(SNAPSHOT_DATE) > sf.lit(last))
+            result["rows"][table] = int(_write(new.withColumn(CREATED_TIMESTAMP, stamp), paths[table], key)["rows"])
+        days = sorted(p.name.split("=", 1)[1] for p in paths[table].glob(f"{SNAPSHOT_DATE}=*")
+                      if p.name.split("=", 1)[1] not in recorded and p.name.split("=", 1)[1] <= day_string(end_day))
+        result["written_days"][table] = days
+        record = _record(paths[table], days, job_time) if days else recorded
+        readable = {day: info["sha256"] for day, info in record.items() if day <= day_string(end_day)}
+        result["partitions"][table] = readable
+        if last is not None and not days:
+            log.info("%s: every day up to %s is already recorded; nothing new to write", table, last)
+    readable_days = [d for table in result["partitions"].values() for d in table]
+    result["first_day"] = min(readable_days, default=None)
+    result["last_day"] = max(readable_days, default=None)
+    result["days"] = (day_number(result["last_day"]) - day_number(result["first_day"]) + 1
+                      if readable_days else 0)
     result["seconds"] = round(time.perf_counter() - started, 2)
-    log.info("build_features %s -> %s: days %s..%s, rows %s in %.1f s", contract_dir, out_dir,
-             result["first_day"], result["last_day"], result["rows"], result["seconds"])
+    log.info("build_features %s -> %s: wrote days %s, rows %s; readable %s..%s in %.1f s", contract_dir, out_dir,
+             {t: (d[0] + ".." + d[-1]) if d else "none" for t, d in result["written_days"].items()},
+             result["rows"], result["first_day"], result["last_day"], result["seconds"])
     return result
 
 
@@ -522,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="where user_features/ and item_features/ are written")
     parser.add_argument("--master", default=None, help="Spark master URL (default: RECSYS_SPARK_MASTER or local[*])")
     parser.add_argument("--end-date", default=None, help="last snapshot day YYYY-MM-DD (default: last event day)")
+    parser.add_argument("--complete-before", default=None,
+                        help="ISO-8601 moment: days not over by then are not written (default: now)")
+    parser.add_argument("--job-time", default=None, help="ISO-8601 created_timestamp of the new rows (default: now)")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="extra Spark setting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -530,7 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     conf = dict(item.split("=", 1) for item in args.conf)
     spark = get_spark(master=args.master, app_name="recsys-build-features", conf=conf)
     try:
-        result = build_features(spark, args.contract_dir, args.out_dir, end_date=args.end_date)
+        job_time = datetime.fromisoformat(args.job_time.replace("Z", "+00:00")) if args.job_time else None
+        result = build_features(spark, args.contract_dir, args.out_dir, end_date=args.end_date,
+                                complete_before=args.complete_before, job_time=job_time)
         # Block managers include the driver's: executors = size - 1 outside local mode.
         result["master"] = spark.sparkContext.master
         result["executors"] = max(spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size() - 1, 0)

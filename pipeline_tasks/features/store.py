@@ -30,7 +30,13 @@ import pandas as pd
 
 from pipeline_tasks.core.locks import acquire_file_lock, release_file_lock
 from pipeline_tasks.core.settings import Settings, load_settings
-from pipeline_tasks.online.feature_store import ENTITY_TIMESTAMP, feature_repo_dir, get_store, source_dir
+from pipeline_tasks.online.feature_store import (
+    ENTITY_TIMESTAMP,
+    feature_repo_dir,
+    get_store,
+    repo_settings_as,
+    source_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +86,21 @@ def feature_store_lock(settings: Settings | None = None,
 
 # --- apply ----------------------------------------------------------------------------------
 
-def load_repo_modules(repo: Path | None = None) -> list[ModuleType]:
+def load_repo_modules(repo: Path | None = None, settings: Settings | None = None) -> list[ModuleType]:
     """Import the repo's definition files afresh (as ``feast apply`` does, without its chdir).
 
-    Fresh every time: the sources' paths are computed at import from the settings, which may
-    have changed since an earlier call in this process.
+    Fresh every time: the sources' paths are computed at import from ``settings`` (namespace,
+    profile), which may differ from an earlier call in this process.
     """
     repo = repo or feature_repo_dir()
+    settings = settings or load_settings()
     names = [p.stem for p in sorted(repo.glob("*.py")) if p.name != "__init__.py"]
     saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     sys.path.insert(0, str(repo))
     bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # as feast apply: no __pycache__ there
     try:
-        return [importlib.import_module(n) for n in names]
+        with repo_settings_as(settings):
+            return [importlib.import_module(n) for n in names]
     finally:
         sys.dont_write_bytecode = bytecode
         sys.path.remove(str(repo))
@@ -117,7 +125,7 @@ def apply_repo(settings: Settings | None = None) -> dict[str, Any]:
 
     kinds: dict[type, list[Any]] = {Entity: [], DataSource: [], FeatureView: [], OnDemandFeatureView: [],
                                     FeatureService: []}
-    for module in load_repo_modules():
+    for module in load_repo_modules(settings=settings):
         for obj in vars(module).values():
             for kind, found in kinds.items():
                 if isinstance(obj, kind) and not isinstance(obj, StreamFeatureView) \

@@ -16,9 +16,6 @@ from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, UNKNOWN_CATEGORY, 
 
 # Feast service two_tower_v1's columns the towers read (user_last_items is replaced by the exact
 # event history; item_category by the catalog's category, which a new item has before any snapshot).
-
-# Feast service two_tower_v1's columns the towers read (user_last_items is replaced by the exact
-# event history; item_category by the catalog's category, which a new item has before any snapshot).
 USER_NUMERIC = ["user_total_interactions", "user_days_since_last_event", "user_top1_share", "user_top2_share",
                 "user_top3_share"]
 

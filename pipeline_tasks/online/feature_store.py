@@ -9,9 +9,11 @@ Feast is imported inside functions: it takes seconds to import.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +48,26 @@ def offline_table_dir(table: str, settings: Settings | None = None) -> Path:
     return settings.feature_store_dir / "offline" / table
 
 
+_repo_settings: contextvars.ContextVar[Settings | None] = contextvars.ContextVar("recsys_repo_settings",
+                                                                              default=None)
+
+
+def repo_settings() -> Settings:
+    """The settings the feature repo's definition files resolve paths with: those of the apply in progress
+    (:func:`pipeline_tasks.features.store.load_repo_modules`), else the environment's (plain ``feast`` CLI)."""
+    return _repo_settings.get() or load_settings()
+
+
+@contextlib.contextmanager
+def repo_settings_as(settings: Settings) -> Iterator[None]:
+    """Load the feature repo's definitions for ``settings`` (its namespace and profile) in this block."""
+    token = _repo_settings.set(settings)
+    try:
+        yield
+    finally:
+        _repo_settings.reset(token)
+
+
 def offline_source_kwargs(table: str, profile: str, settings: Settings | None = None) -> dict[str, Any]:
     """The path arguments of one offline table's Feast source for a profile's offline store.
 
@@ -77,8 +99,8 @@ def config_template(settings: Settings) -> Path:
 
 def config_values(settings: Settings) -> dict[str, str]:
     """The ``${VAR}`` values the feature store yaml files use, taken from the settings."""
-    return {"RECSYS_HOME": str(settings.home), "RECSYS_REDIS_URL": settings.redis_url,
-            "RECSYS_SPARK_MASTER": settings.spark_master}
+    return {"RECSYS_HOME": str(settings.home), "RECSYS_NAMESPACE": settings.namespace,
+            "RECSYS_REDIS_URL": settings.redis_url, "RECSYS_SPARK_MASTER": settings.spark_master}
 
 
 def render_config(template: str, values: Mapping[str, str]) -> str:

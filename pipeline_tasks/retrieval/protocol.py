@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -89,9 +89,22 @@ def _examples(train: pd.DataFrame, validation: pd.DataFrame, training_set: str |
     return ts[ts["window"] == "train"].reset_index(drop=True), ts
 
 
+class RetrievalResult(TypedDict, total=False):
+    """The trained models, their metrics and the held-out users' embeddings (the index build's queries)."""
+
+    model_dir: str
+    mf_model_dir: str
+    metrics: str
+    query_embeddings: str
+    content_method: str
+    test: dict[str, dict[str, float]]
+    mlflow_run_id: str  # added by the train_two_tower stage
+    mlflow_experiment: str
+
+
 def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: str | Path,
                     config: RetrievalConfig = RetrievalConfig(),  # noqa: B008 (frozen)
-                    training_set: str | Path | None = None, snapshot: SnapshotFn | None = None) -> dict[str, Any]:
+                    training_set: str | Path | None = None, snapshot: SnapshotFn | None = None) -> RetrievalResult:
     """Train, select, refit and score the two-tower and MF models; write the refit two-tower to
     ``out_dir/model``, metrics to ``out_dir/metrics.json`` and held-out user embeddings for the index."""
     from pipeline_tasks.evaluation.metrics import evaluate, targets
@@ -161,6 +174,6 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
     summary = {m: {k: r["test"][k] for k in ("recall@100", "recall@500", "ndcg@10")}
                for m, r in results["models"].items()}
-    return {"model_dir": str(out / "model"), "mf_model_dir": str(out / "mf_model"),
-            "metrics": str(out / "metrics.json"), "query_embeddings": str(out / "query_embeddings.npy"),
-            "content_method": method, "test": summary}
+    return RetrievalResult(model_dir=str(out / "model"), mf_model_dir=str(out / "mf_model"),
+                           metrics=str(out / "metrics.json"), query_embeddings=str(out / "query_embeddings.npy"),
+                           content_method=method, test=summary)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, TypedDict
 
 from pipeline_tasks.core.constants import DEFAULT_PARAMS
 from pipeline_tasks.core.errors import InvalidParamsError
+from pipeline_tasks.core.namespace import source_namespace
 from pipeline_tasks.core.runs import MANIFEST, run_dir
-from pipeline_tasks.core.settings import load_settings
+from pipeline_tasks.core.settings import Settings, load_settings
 from pipeline_tasks.data.split import SplitConfig
 from pipeline_tasks.data.validate import ValidationConfig, to_utc
 
@@ -29,6 +31,7 @@ class RunConfig(TypedDict):
     drift_threshold: float
     two_tower: dict[str, Any]
     index: dict[str, Any]
+    namespace: str  # the source's identity: its feature history and MLflow experiment (core.namespace)
 
 
 def resolve_config(params: dict[str, Any] | None) -> RunConfig:
@@ -43,6 +46,8 @@ def resolve_config(params: dict[str, Any] | None) -> RunConfig:
         if merged.get(key) is None:
             merged[key] = value
     merged["event_types"] = list(settings.event_types)
+    merged["namespace"] = source_namespace(merged["source"], merged["synthetic"] if merged["source"] == "synthetic"
+                                           else None)
     if merged["drift_mode"] not in ("warn", "fail"):
         raise InvalidParamsError(f"drift_mode={merged['drift_mode']!r}: use 'warn' or 'fail'")
     return RunConfig(**merged)  # type: ignore[typeddict-item]
@@ -54,6 +59,24 @@ def run_config(run_id: str) -> RunConfig:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no manifest for run {run_id}; its ingest task opens it")
     return json.loads(path.read_text())["config"]
+
+
+def run_settings(config: RunConfig) -> Settings:
+    """The settings of this run's source: the environment's, in the run's namespace."""
+    return dataclasses.replace(load_settings(), namespace=config["namespace"])
+
+
+def run_features(run_id: str, required: bool = True) -> dict[str, Any] | None:
+    """What ``build_features`` recorded for this run: its namespace, readable days and partition checksums.
+
+    ``None`` (with ``required=False``) when the run has none, e.g. its feature tasks were marked successful
+    without running (``recsys run --mark-success``): models then train and embed without store features.
+    """
+    features = json.loads((run_dir(run_id) / MANIFEST).read_text()).get("features")
+    if not features and required:
+        raise FileNotFoundError(f"run {run_id} has no feature partitions recorded; its build_features task records "
+                                "them")
+    return features or None
 
 
 def validation_config(config: RunConfig) -> ValidationConfig:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline_tasks.core.runs import run_dir, run_stage, snapshot_hash, start_run, update_manifest
+from pipeline_tasks.data.ingest import IngestResult
+from pipeline_tasks.data.split import SplitResult
+from pipeline_tasks.data.validate import ValidationResult
 from pipeline_tasks.stages.common import resolve_config, run_config, split_config, validation_config
 
 
-def ingest_stage(run_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
+def ingest_stage(run_id: str, params: dict[str, Any] | None) -> IngestResult:
     """Open the run manifest and turn the data source into a contract directory."""
     from pipeline_tasks.data.ingest import ingest
 
@@ -19,7 +22,7 @@ def ingest_stage(run_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def validate_stage(run_id: str, ingested: dict[str, Any]) -> dict[str, Any]:
+def validate_stage(run_id: str, ingested: IngestResult) -> ValidationResult:
     """GX validation + quarantine + quality gate; records the accepted data's snapshot hash."""
     from pipeline_tasks.data.validate import validate_contract_dir
 
@@ -30,7 +33,7 @@ def validate_stage(run_id: str, ingested: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def split_stage(run_id: str, validated: dict[str, Any]) -> dict[str, Any]:
+def split_stage(run_id: str, validated: ValidationResult) -> SplitResult:
     """Time-based split of the accepted interactions."""
     from pipeline_tasks.data.split import split_contract_dir
 

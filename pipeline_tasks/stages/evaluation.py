@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from pipeline_tasks.core.runs import run_stage
+from pipeline_tasks.core.settings import Settings
+from pipeline_tasks.data.split import SplitResult
+from pipeline_tasks.data.validate import ValidationResult
+from pipeline_tasks.evaluation.drift import DriftResult
 from pipeline_tasks.features.history import _snapshot_day_before, snapshot_rows
-from pipeline_tasks.stages.common import run_config
+from pipeline_tasks.features.snapshots import FeaturesResult
+from pipeline_tasks.stages.common import run_config, run_features, run_settings
 
 # Rates and shares, not running totals: totals grow by construction and would always "drift".
 DRIFT_FEATURE_COLUMNS = {
@@ -18,23 +22,26 @@ DRIFT_FEATURE_COLUMNS = {
 }
 
 
-def _feature_rows_on(day: str) -> pd.DataFrame:
-    parts = [rows[columns] for rows, columns in zip(snapshot_rows(day, DRIFT_FEATURE_COLUMNS),
+def _feature_rows_on(day: str, settings: Settings) -> pd.DataFrame:
+    parts = [rows[columns] for rows, columns in zip(snapshot_rows(day, DRIFT_FEATURE_COLUMNS, settings),
                                                     DRIFT_FEATURE_COLUMNS.values(), strict=True)
              if rows is not None]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def drift_check_stage(run_id: str, validated: dict[str, Any],
-                      split: dict[str, Any], features: dict[str, Any]) -> dict[str, Any]:
+def drift_check_stage(run_id: str, validated: ValidationResult, split: SplitResult,
+                      features: FeaturesResult) -> DriftResult:
     """Evidently PSI drift of the newest window (test) vs the reference (the training window)."""
     from pipeline_tasks.evaluation.drift import DriftConfig, drift_check_split
 
     p = run_config(run_id)
 
-    def work(out_dir: Path) -> dict[str, Any]:
-        ref = _feature_rows_on(_snapshot_day_before(split["t_val"]))
-        cur = _feature_rows_on(features["last_day"])
+    def work(out_dir: Path) -> DriftResult:
+        settings = run_settings(p)
+        recorded = run_features(run_id)["partitions"]["user_features"]  # only days this run may read
+        ref_day = _snapshot_day_before(split["t_val"])
+        ref = _feature_rows_on(ref_day, settings) if ref_day in recorded else pd.DataFrame()
+        cur = _feature_rows_on(features["last_day"], settings)
         extra = {}
         if len(ref) and len(cur):
             extra = {"extra_reference_path": out_dir / "reference_features.parquet",

@@ -8,48 +8,68 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline_tasks.core.runs import run_stage, safe_run_id
-from pipeline_tasks.core.settings import load_settings
+from pipeline_tasks.core.runs import MANIFEST, run_dir, run_stage, safe_run_id, update_manifest
+from pipeline_tasks.data.split import SplitResult
+from pipeline_tasks.data.validate import ValidationResult
+from pipeline_tasks.features.history import TrainingSetResult, end_of_day
+from pipeline_tasks.features.snapshots import FeatureInputError, FeaturesResult
+from pipeline_tasks.stages.common import run_config, run_features, run_settings
 
 
-def build_features_stage(run_id: str, validated: dict[str, Any]) -> dict[str, Any]:
-    """Spark daily feature snapshots of the accepted data into the long-lived offline store."""
+def build_features_stage(run_id: str, validated: ValidationResult) -> FeaturesResult:
+    """Spark daily feature snapshots of the accepted data, appended to the source's long-lived offline store.
 
-    def work(out_dir: Path) -> dict[str, Any]:
+    Only complete days (before the run's ``as_of``, default its start) after the last recorded one are
+    written; the manifest records the namespace and every partition the run may read, with its SHA-256.
+    """
+
+    def work(out_dir: Path) -> FeaturesResult:
         from pipeline_tasks.features.snapshots import build_features
         from pipeline_tasks.features.spark import get_spark
         from pipeline_tasks.features.store import feature_store_lock
         from pipeline_tasks.online.feature_store import offline_table_dir
 
-        settings = load_settings()
+        config = run_config(run_id)
+        settings = run_settings(config)
+        started = json.loads((run_dir(run_id) / MANIFEST).read_text())["started_at"]
         offline = offline_table_dir("user_features", settings).parent
         with feature_store_lock(settings):  # one writer at a time (training DAG, item refresh)
             spark = get_spark(settings, app_name=f"recsys-build-features-{safe_run_id(run_id)}")
             try:
-                result = build_features(spark, validated["accepted_dir"], offline)
+                result = build_features(spark, validated["accepted_dir"], offline,
+                                        complete_before=config["as_of"] or started)
             finally:
                 spark.stop()
+        if result["last_day"] is None:
+            raise FeatureInputError(f"no complete day of events before {config['as_of'] or started}: nothing to "
+                                    "build features from (set as_of later, or wait for the day to end)")
         (out_dir / "features.json").write_text(json.dumps(result, indent=2))
-        return {**result, "summary": str(out_dir / "features.json")}
+        update_manifest(run_dir(run_id), features={
+            "namespace": settings.namespace, "feature_store": str(settings.feature_store_dir),
+            "first_day": result["first_day"], "last_day": result["last_day"], "partitions": result["partitions"]})
+        summary = {k: v for k, v in result.items() if k != "partitions"}  # the manifest has them; keep XComs small
+        return FeaturesResult(**summary, summary=str(out_dir / "features.json"))
 
     return run_stage(run_id, "build_features", work)
 
 
 def feast_apply_stage(run_id: str) -> dict[str, Any]:
-    """Register the feature repo's entities, views and services (idempotent)."""
+    """Register the feature repo's entities, views and services for the run's source (idempotent)."""
     from pipeline_tasks.features.store import apply_repo
 
-    return run_stage(run_id, "feast_apply", lambda out_dir: apply_repo())
+    settings = run_settings(run_config(run_id))
+    return run_stage(run_id, "feast_apply", lambda out_dir: apply_repo(settings))
 
 
-def materialize_stage(run_id: str, features: dict[str, Any]) -> dict[str, Any]:
+def materialize_stage(run_id: str, features: FeaturesResult) -> dict[str, Any]:
     """Load the newest snapshot values into the online store (incremental)."""
     from pipeline_tasks.features.store import materialize
 
-    return run_stage(run_id, "materialize", lambda out_dir: materialize(features["last_day"]))
+    settings = run_settings(run_config(run_id))
+    return run_stage(run_id, "materialize", lambda out_dir: materialize(features["last_day"], settings))
 
 
-def training_entity_rows(split: dict[str, Any]) -> pd.DataFrame:
+def training_entity_rows(split: SplitResult) -> pd.DataFrame:
     """Label-time rows for the ranker's training data: every train and validation interaction."""
     frames = []
     for window in ("train", "validation"):
@@ -59,7 +79,7 @@ def training_entity_rows(split: dict[str, Any]) -> pd.DataFrame:
     return rows.rename(columns={"timestamp": "event_timestamp"})
 
 
-def training_set_stage(run_id: str, split: dict[str, Any]) -> dict[str, Any]:
+def training_set_stage(run_id: str, split: SplitResult) -> TrainingSetResult:
     """Point-in-time features (Feast historical retrieval, service ranker_v1) plus the request-time
     context features, one row per requested row in order."""
 
@@ -68,7 +88,9 @@ def training_set_stage(run_id: str, split: dict[str, Any]) -> dict[str, Any]:
         from pipeline_tasks.online.context_features import context_features
 
         rows = training_entity_rows(split)
-        out = retrieve(rows, out_dir, feature_service="ranker_v1")
+        settings = run_settings(run_config(run_id))
+        until = end_of_day(run_features(run_id)["last_day"])  # only the partitions this run recorded
+        out = retrieve(rows, out_dir, feature_service="ranker_v1", settings=settings, until=until)
         path = Path(out["training_set"])
         df = pd.read_parquet(path)
         requests = df[["event_timestamp", "device", "location"]].rename(

@@ -172,13 +172,21 @@ def test_apply_repo_registers_objects_and_is_idempotent(pit_settings: Settings, 
     assert "No changes to registry" in caplog.text
 
 
-def test_apply_repo_refuses_settings_that_disagree_with_the_environment(pit_settings: Settings,
-                                                                      tmp_path: Path) -> None:
-    """feature_repo/ resolves its source paths from RECSYS_HOME; other settings would register wrong paths."""
-    other = Settings(home=tmp_path / "elsewhere", artifact_root=tmp_path / "runs")
-    with pytest.raises(ValueError, match="export RECSYS_HOME="):
-        fs_store.apply_repo(other)
-    assert not (other.feature_store_dir / "registry.db").exists()
+def test_apply_repo_registers_the_given_settings_paths_whatever_the_environment(pit_settings: Settings,
+                                                                             tmp_path: Path) -> None:
+    """feature_repo/ resolves its source paths from the settings being applied (home, namespace), not from a
+    RECSYS_HOME that says otherwise: two sources never register each other's tables."""
+    other = Settings(home=tmp_path / "elsewhere", artifact_root=tmp_path / "runs", namespace="shop_0123456789")
+    assert os.environ["RECSYS_HOME"] != str(other.home)
+    fs_store.apply_repo(other)
+    store = fs.get_store(other)
+    assert store.project == "recsys_shop_0123456789"
+    assert other.feature_store_dir == tmp_path / "elsewhere" / "feature_store" / "shop_0123456789"
+    for view in store.list_feature_views():
+        assert fs.source_dir(view.batch_source.path).is_relative_to(other.feature_store_dir / "offline")
+    # ... and the shared store of this module still points at its own tables.
+    user_fv = fs.get_store(pit_settings).get_feature_view("user_stats_fv")
+    assert fs.source_dir(user_fv.batch_source.path) == fs.offline_table_dir("user_features", pit_settings)
 
 
 def test_training_set_is_point_in_time_correct(pit_store: Any) -> None:
@@ -242,6 +250,8 @@ def test_training_set_keeps_every_requested_row_in_order(pit_store: Any) -> None
                               f"request {i} ({row['item_id']})")
     assert expected_user_rows == 4  # the fixture exercises both outcomes
     assert out["user_total_interactions"].dtype == "Int64" and out["item_ctr"].dtype == "float64"
+    # Asked in chunks of 3 rows (how millions of rows stay within memory): the very same answer.
+    pd.testing.assert_frame_equal(history.training_set(requests, "ranker_v1", store=pit_store, chunk_rows=3), out)
 
 
 @pytest.mark.spark

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,6 @@ from pipeline_tasks.data.contract import (
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
-UTC = "UTC"
 EVENTS = [
     ("u1", "i1", "2025-01-01T10:00:00Z", "view"),
     ("u1", "i1", "2025-01-01T10:10:00Z", "click"),
@@ -56,8 +56,9 @@ ITEMS = [
     ("i6", None, "2024-06-01T00:00:00Z"),
 ]
 DAYS = ["2024-12-31", "2025-01-01", "2025-01-02", "2025-01-03", "2025-01-04"]
+JOB_TIME = datetime(2025, 1, 7, 3, 0, tzinfo=UTC)  # when the tiny fixture's job "ran": every day is over
 
-TS = pa.timestamp("us", tz=UTC)
+TS = pa.timestamp("us", tz="UTC")
 USER_SCHEMA = {
     "user_id": pa.string(), "event_timestamp": TS, "created_timestamp": TS,
     "user_total_interactions": pa.int64(), "user_unique_items": pa.int64(), "user_n_view": pa.int64(),
@@ -105,6 +106,7 @@ def _files(table_dir: Path) -> dict[str, list[str]]:
 # --- the local-cluster run starts first: its JVMs boot while the other tests run ---------------
 
 SYNTHETIC = {"n_users": 300, "n_items": 500, "n_days": 30, "n_events": 20_000}
+CLUSTER_JOB_TIME = datetime(2030, 1, 1, tzinfo=UTC)  # both runs stamp the same created_timestamp
 FAST_JVM = "-XX:TieredStopAtLevel=1 -Duser.timezone=UTC"  # a short job: quick JIT beats a good one
 
 
@@ -137,6 +139,7 @@ def cluster_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     with open(log, "w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline_tasks.features.snapshots", "--master", "local-cluster[2,1,1024]",
+             "--job-time", CLUSTER_JOB_TIME.isoformat(),
              *(arg for key, value in conf.items() for arg in ("--conf", f"{key}={value}")), str(contract), str(out)],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
         )
@@ -155,7 +158,7 @@ def tiny(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     contract = _contract(EVENTS, ITEMS, tmp_path_factory.mktemp("tiny_contract"))
     out = tmp_path_factory.mktemp("tiny_features")
-    result = build_features(spark, contract, out)
+    result = build_features(spark, contract, out, job_time=JOB_TIME)
     return {"contract": contract, "out": out, "result": result,
             "users": _read(out, "user_features"), "items": _read(out, "item_features")}
 
@@ -185,7 +188,8 @@ def test_user_features_exact(tiny: dict) -> None:
     users = tiny["users"]
     assert users.groupby("user_id")["snapshot_date"].apply(list).to_dict() == {"u1": DAYS[1:], "u2": DAYS[2:]}
     r = _row(users, "user_id", "u1", "2025-01-01")
-    assert r["event_timestamp"] == pd.Timestamp("2025-01-02T00:00:00Z") == r["created_timestamp"]
+    assert r["event_timestamp"] == pd.Timestamp("2025-01-02T00:00:00Z")  # valid from the end of its day
+    assert r["created_timestamp"] == pd.Timestamp(JOB_TIME)  # written by the job at its time
     assert (r["user_total_interactions"], r["user_unique_items"], r["user_n_view"], r["user_n_click"],
             r["user_n_add_to_cart"], r["user_n_purchase"], r["user_n_favorite"]) == (3, 2, 2, 1, 0, 0, 0)
     assert (r["user_ctr"], r["user_conversion_rate"], r["user_days_since_last_event"]) == (0.5, 0.0, 13 / 24)
@@ -285,25 +289,26 @@ def test_item_windows(spark) -> None:
     assert (df.loc["2025-02-10", "item_interactions_30d"], df.loc["2025-02-10", "item_trending_score"]) == (1, 1 / 4)
 
 
-def test_rerun_is_idempotent(spark, tiny: dict) -> None:
-    """Re-running into the same directory rewrites the same days: same rows, no duplicates."""
-    from pipeline_tasks.features.snapshots import build_features
+def test_rerun_writes_nothing_and_rewrites_no_day(spark, tiny: dict) -> None:
+    """Every day is recorded: a re-run writes nothing, and no file of a recorded day changes."""
+    from pipeline_tasks.features.snapshots import build_features, recorded_partitions
 
     out = tiny["out"]
     files_before = {t: _files(out / t) for t in ("user_features", "item_features")}
-    assert build_features(spark, tiny["contract"], out)["rows"] == tiny["result"]["rows"]
-    for table, key in (("user_features", "user_id"), ("item_features", "item_id")):
-        again = _read(out, table)
-        assert not again.duplicated([key, "snapshot_date"]).any()
-        pd.testing.assert_frame_equal(again, tiny[table.split("_")[0] + "s"], check_exact=True)
-        files = _files(out / table)
-        assert list(files) == list(files_before[table]) and all(len(f) == 1 for f in files.values())
-        assert all(files[p] != files_before[table][p] for p in files)  # every day was rewritten
+    bytes_before = {f: f.read_bytes() for f in out.rglob("*.parquet")}
+    again = build_features(spark, tiny["contract"], out, job_time=datetime(2025, 2, 1, tzinfo=UTC))
+    assert again["rows"] == {"user_features": 0, "item_features": 0}
+    assert again["written_days"] == {"user_features": [], "item_features": []}
+    assert again["partitions"] == tiny["result"]["partitions"]  # the same days, the same checksums
+    assert (again["first_day"], again["last_day"]) == ("2024-12-31", "2025-01-04")
+    for table in ("user_features", "item_features"):
+        assert _files(out / table) == files_before[table]
+        assert sorted(recorded_partitions(out / table)) == [d.split("=")[1] for d in files_before[table]]
+    assert {f: f.read_bytes() for f in out.rglob("*.parquet")} == bytes_before
 
 
-def test_point_in_time_and_partial_rerun(spark, tiny: dict, tmp_path: Path) -> None:
-    """Events at or after a row's event_timestamp never change it (one just before does); a run up
-    to an earlier end_date rewrites only its own days and leaves the later ones alone."""
+def test_point_in_time(spark, tmp_path: Path) -> None:
+    """Events at or after a row's event_timestamp never change it; one just before does."""
     from pipeline_tasks.features.snapshots import build_features
 
     later = [
@@ -311,36 +316,69 @@ def test_point_in_time_and_partial_rerun(spark, tiny: dict, tmp_path: Path) -> N
         ("u1", "i2", "2025-01-04T12:00:00Z", "purchase"),
         ("u2", "i3", "2025-01-03T23:59:59.999999Z", "view"),  # the last microsecond of day C
     ]
-    contract = _contract(EVENTS + later, ITEMS, tmp_path / "contract")
-    out = tmp_path / "out"
-    shutil.copytree(tiny["out"], out)
-    files_before = {t: _files(out / t) for t in ("user_features", "item_features")}
-    res = build_features(spark, contract, out, end_date="2025-01-03")
+    base_out, new_out = tmp_path / "base", tmp_path / "new"
+    build_features(spark, _contract(EVENTS, ITEMS, tmp_path / "c1"), base_out, end_date="2025-01-03",
+                   job_time=JOB_TIME)
+    res = build_features(spark, _contract(EVENTS + later, ITEMS, tmp_path / "c2"), new_out, end_date="2025-01-03",
+                         job_time=JOB_TIME)
     assert (res["first_day"], res["last_day"], res["rows"]) == (
         "2024-12-31", "2025-01-03", {"user_features": 5, "item_features": 13})
-    for table in ("user_features", "item_features"):
-        files = _files(out / table)
-        assert list(files) == list(files_before[table])
-        for part, names in files.items():
-            assert (names != files_before[table][part]) == (part <= "snapshot_date=2025-01-03"), (table, part)
-        base, new = tiny[table.split("_")[0] + "s"], _read(out, table)
-        unchanged = (new["snapshot_date"] <= "2025-01-02") | (new["snapshot_date"] == "2025-01-04")
-        pd.testing.assert_frame_equal(new[unchanged].reset_index(drop=True),
-                                      base[unchanged].reset_index(drop=True), check_exact=True)
-    users, items = _read(out, "user_features"), _read(out, "item_features")
+    base_users, users = _read(base_out, "user_features"), _read(new_out, "user_features")
+    base_items, items = _read(base_out, "item_features"), _read(new_out, "item_features")
     pd.testing.assert_series_equal(_row(users, "user_id", "u1", "2025-01-03"),
-                                   _row(tiny["users"], "user_id", "u1", "2025-01-03"), check_names=False)
+                                   _row(base_users, "user_id", "u1", "2025-01-03"), check_names=False)
     assert _row(users, "user_id", "u2", "2025-01-03")["user_total_interactions"] == 3
     pd.testing.assert_series_equal(_row(items, "item_id", "i4", "2025-01-03"),
-                                   _row(tiny["items"], "item_id", "i4", "2025-01-03"), check_names=False)
+                                   _row(base_items, "item_id", "i4", "2025-01-03"), check_names=False)
     assert _row(items, "item_id", "i3", "2025-01-03")["item_total_interactions"] == 2
+
+
+def test_late_events_count_from_the_next_new_day(spark, tiny: dict, tmp_path: Path) -> None:
+    """Run twice with late events in between: recorded days keep their bytes and checksums; the late
+    events (older timestamps) and the new day's events appear in the next new day only."""
+    from pipeline_tasks.features.snapshots import build_features, recorded_partitions
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny["out"], out)
+    before = {t: recorded_partitions(out / t) for t in ("user_features", "item_features")}
+    late = [("u1", "i2", "2025-01-02T08:00:00Z", "purchase"),  # arrives after day 01-02 was written
+            ("u2", "i3", "2025-01-03T10:00:00Z", "view")]
+    new_day = [("u1", "i1", "2025-01-05T09:00:00Z", "view")]
+    contract = _contract(EVENTS + late + new_day, ITEMS, tmp_path / "contract")
+    second_job = datetime(2025, 1, 8, tzinfo=UTC)
+    res = build_features(spark, contract, out, job_time=second_job)
+    assert res["written_days"] == {"user_features": ["2025-01-05"], "item_features": ["2025-01-05"]}
+    assert res["last_day"] == "2025-01-05"
+    for table in ("user_features", "item_features"):
+        after = recorded_partitions(out / table)
+        assert {d: after[d]["sha256"] for d in before[table]} == {d: v["sha256"] for d, v in before[table].items()}
+        assert res["partitions"][table] == {d: v["sha256"] for d, v in after.items()}
+        assert set(after) == set(before[table]) | {"2025-01-05"}
+    users = _read(out, "user_features")
+    # Day 01-04 still says what serving saw then; day 01-05 counts the late events.
+    pd.testing.assert_frame_equal(users[users["snapshot_date"] <= "2025-01-04"].reset_index(drop=True),
+                                  tiny["users"], check_exact=True)
+    u1 = _row(users, "user_id", "u1", "2025-01-05")
+    assert (u1["user_total_interactions"], u1["user_n_purchase"]) == (7, 2)  # 5 + the late purchase + 01-05
+    assert _row(users, "user_id", "u2", "2025-01-05")["user_total_interactions"] == 4  # 3 + the late view
+    assert u1["created_timestamp"] == pd.Timestamp(second_job)
+
+
+def test_days_not_over_yet_are_not_written(spark, tmp_path: Path) -> None:
+    """Only complete UTC days: a run whose as_of falls in 2025-01-03 writes up to 2025-01-02."""
+    from pipeline_tasks.features.snapshots import build_features
+
+    res = build_features(spark, _contract(EVENTS, ITEMS, tmp_path / "c"), tmp_path / "out",
+                         complete_before="2025-01-03T15:00:00Z", job_time=JOB_TIME)
+    assert res["last_day"] == "2025-01-02"
+    assert list(_files(tmp_path / "out" / "item_features"))[-1] == "snapshot_date=2025-01-02"
 
 
 def test_local_cluster_matches_local(spark, synthetic_contract: Path, cluster_run: dict, tmp_path: Path) -> None:
     """The same job on local-cluster[2,1,1024] (two executor JVMs) writes exactly the local[*] output."""
     from pipeline_tasks.features.snapshots import build_features
 
-    local = build_features(spark, synthetic_contract, tmp_path)
+    local = build_features(spark, synthetic_contract, tmp_path, job_time=CLUSTER_JOB_TIME)
     proc = cluster_run["proc"]
     stdout, _ = proc.communicate(timeout=900)
     tail = cluster_run["log"].read_text()[-3000:]

@@ -87,9 +87,8 @@ def test_quality_gate_fails_the_run_without_retry(run_recsys):
     assert len(q) > 0
 
 
-def test_movielens_100k(run_recsys, ml100k, bench_protocol):
-    run = run_recsys("run", "--data", f"movielens:{ml100k}")
-    assert run.returncode == 0, run.output[-4000:]
+def test_movielens_100k(ml100k_run, ml100k, bench_protocol):
+    run = ml100k_run.run
     report = _read_json(run.run_dir / "validate" / "report.json")
     assert report["tables"]["interactions"] == {"input": 100_000, "accepted": 100_000, "quarantined": 0,
                                                 "reasons": {}}
@@ -113,10 +112,27 @@ def test_movielens_100k(run_recsys, ml100k, bench_protocol):
     drift = _read_json(run.run_dir / "drift_check" / "drift_report.json")
     assert drift["threshold"] == 0.2 and "event_type" in drift["features"]
     assert (run.run_dir / "drift_check" / "drift_report.html").stat().st_size > 100_000
-    _check_retrieval(run, ml100k)
+    _check_feature_history(run)
+    _check_retrieval(run, ml100k_run.current_index)
 
 
-def _check_retrieval(run, ml100k):
+def _check_feature_history(run):
+    """The run's source has its own namespace; the partitions it may read are recorded with checksums."""
+    from pipeline_tasks.features.snapshots import partition_sha256
+
+    namespace = run.manifest["config"]["namespace"]
+    assert namespace.startswith("movielens_ml_100k_")
+    features = run.manifest["features"]
+    assert features["namespace"] == namespace and features["feature_store"].endswith(f"feature_store/{namespace}")
+    assert features["last_day"] == "1998-04-22"  # the last day with an event: every day of 1998 is over
+    for table in ("user_features", "item_features"):
+        recorded = features["partitions"][table]
+        assert max(recorded) == features["last_day"] and len(recorded) > 200
+        part = Path(features["feature_store"]) / "offline" / table / f"snapshot_date={features['last_day']}"
+        assert partition_sha256(part)[0] == recorded[features["last_day"]]
+
+
+def _check_retrieval(run, current):
     """The two-tower stage followed the protocol on the real split and the index serves the whole catalog."""
     import mlflow
 
@@ -136,13 +152,16 @@ def _check_retrieval(run, ml100k):
     built = run.manifest["tasks"]["build_index"]["outputs"]
     index = load_index(built["index_dir"])
     assert built["kind"] == "flat" and built["recall_at_k"] == 1.0 and len(index.item_ids) == 1682
-    current = _read_json(Path(run.manifest["run_dir"]).parents[1] / "indexes" / "current.json")
     assert current["index_dir"] == built["index_dir"] and current["sha256"] == index.sha256
+    source_path = Path(run.manifest["config"]["source"].removeprefix("movielens:")).resolve()
+    assert current["source"] == f"movielens:{source_path}"  # the catalog the refresh reads, by absolute path
     # MLflow has the run with its lineage, curves and test metrics.
     out = run.manifest["tasks"]["train_two_tower"]["outputs"]
     out_ts = run.manifest["tasks"]["training_set"]["outputs"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{Path(run.manifest['run_dir']).parents[1]}/mlflow/mlflow.db")
     logged = client.get_run(out["mlflow_run_id"])
+    experiment = client.get_experiment(logged.info.experiment_id).name
+    assert experiment == out["mlflow_experiment"] == f"recsys_retrieval_{run.manifest['config']['namespace']}"
     assert logged.data.tags["recsys.data_snapshot_sha256"] == run.manifest["data"]["snapshot_sha256"]
     assert logged.data.tags["recsys.run_id"] == run.run_id
     # tagged with the service the training examples' features came from

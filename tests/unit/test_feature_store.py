@@ -42,7 +42,7 @@ def test_render_config_names_missing_variables() -> None:
 def test_embedded_config_puts_all_state_under_the_feature_store_dir(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
     config = fs.repo_config_dict(settings)
-    assert config["project"] == "recsys"
+    assert config["project"] == "recsys_default"  # the settings' namespace (RECSYS_NAMESPACE)
     assert config["provider"] == "local"
     assert config["offline_store"] == {"type": "duckdb"}  # exact point-in-time joins at millions of rows
     assert config["online_store"] == {"type": "sqlite", "path": str(settings.feature_store_dir / "online_store.db")}
@@ -53,7 +53,7 @@ def test_production_config_uses_redis_from_settings(tmp_path: Path) -> None:
     config = fs.repo_config_dict(make_settings(tmp_path, profile="production", feast_project="recsys_ci_1"))
     assert config["online_store"] == {"type": "redis", "connection_string": "redis.example:6380,db=2"}
     assert config["project"] == "recsys_ci_1"
-    assert config["registry"] == str(tmp_path / "feature_store" / "registry.db")
+    assert config["registry"] == str(tmp_path / "feature_store" / "default" / "registry.db")
     assert config["offline_store"]["type"] == "spark"
     assert config["offline_store"]["spark_conf"]["spark.master"] == "local[*]"  # RECSYS_SPARK_MASTER's default
 
@@ -66,8 +66,38 @@ def test_profiles_share_everything_but_the_stores() -> None:
     assert {k: v for k, v in default.items() if k not in stores} == {
         k: v for k, v in production.items() if k not in stores}
     assert (default["offline_store"]["type"], production["offline_store"]["type"]) == ("duckdb", "spark")
-    assert default["registry"] == "${RECSYS_HOME}/feature_store/registry.db"  # plain `feast` CLI: env expansion
+    # plain `feast` CLI: env expansion of the home and the source's namespace
+    assert default["registry"] == "${RECSYS_HOME}/feature_store/${RECSYS_NAMESPACE}/registry.db"
+    assert default["project"] == "recsys_${RECSYS_NAMESPACE}"
     assert production["online_store"]["connection_string"] == "${RECSYS_REDIS_URL}"
+
+
+def test_each_namespace_has_its_own_store_and_project(tmp_path: Path) -> None:
+    shop = Settings(home=tmp_path, artifact_root=tmp_path / "runs", namespace="shop_0123456789")
+    config = fs.repo_config_dict(shop)
+    assert config["project"] == "recsys_shop_0123456789"
+    assert config["registry"] == str(tmp_path / "feature_store" / "shop_0123456789" / "registry.db")
+    assert fs.offline_table_dir("item_features", shop).parent.parent == tmp_path / "feature_store" / "shop_0123456789"
+
+
+def test_source_namespaces_follow_the_source_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A growing directory is one source; other generator settings, paths or sources are others."""
+    from pipeline_tasks.core.namespace import source_namespace
+
+    monkeypatch.chdir(tmp_path)
+    shop = tmp_path / "Shop Export"
+    shop.mkdir()
+    first = source_namespace(str(shop))
+    (shop / "interactions.csv").write_text("more rows")
+    assert source_namespace(str(shop)) == first == source_namespace("Shop Export")  # same place, same source
+    assert first.startswith("shop_export_")
+    assert source_namespace("synthetic", {"seed": 1}) != source_namespace("synthetic", {"seed": 2})
+    assert source_namespace("synthetic", {"seed": 1, "n_users": 5}) == source_namespace("synthetic",
+                                                                                         {"n_users": 5, "seed": 1})
+    names = {first, source_namespace("synthetic"), source_namespace("movielens:ml-100k"),
+             source_namespace(str(tmp_path / "other"))}
+    assert len(names) == 4
+    assert all(n.replace("_", "").isalnum() and n == n.lower() for n in names)  # a Feast project suffix
 
 
 def test_unknown_profile_is_an_error(tmp_path: Path) -> None:
@@ -77,7 +107,8 @@ def test_unknown_profile_is_an_error(tmp_path: Path) -> None:
 
 def test_offline_table_dirs(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)
-    assert fs.offline_table_dir("user_features", settings) == tmp_path / "feature_store" / "offline" / "user_features"
+    assert (fs.offline_table_dir("user_features", settings)
+            == tmp_path / "feature_store" / "default" / "offline" / "user_features")
     with pytest.raises(ValueError, match="unknown offline table"):
         fs.offline_table_dir("users", settings)
 
