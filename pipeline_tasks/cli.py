@@ -127,7 +127,16 @@ def run(
     t_val: Annotated[str | None, typer.Option(help="explicit validation boundary (give --t-test too)")] = None,
     t_test: Annotated[str | None, typer.Option(help="explicit test boundary")] = None,
     quality_threshold: Annotated[float | None, typer.Option(help="minimum accepted share (default 0.95)")] = None,
+    horizon_days: Annotated[int | None, typer.Option(help="oldest allowed event age in days, counted back from "
+                                                         "the newest event (default 730)")] = None,
+    bot_events_per_day: Annotated[int | None, typer.Option(
+        help="events per user per UTC day above which that day is a bot's (default 1000)")] = None,
+    drift_threshold: Annotated[float | None, typer.Option(help="PSI above which a feature counts as drifted "
+                                                               "(default 0.2)")] = None,
     events: Annotated[int | None, typer.Option(help="synthetic: number of events")] = None,
+    users: Annotated[int | None, typer.Option(help="synthetic: number of users")] = None,
+    items: Annotated[int | None, typer.Option(help="synthetic: number of catalog items")] = None,
+    days: Annotated[int | None, typer.Option(help="synthetic: days of history")] = None,
     faults: Annotated[str | None, typer.Option(help="synthetic: all | none | a rate such as 0.01")] = None,
     seed: Annotated[int | None, typer.Option(help="synthetic: seed")] = None,
     mark_success: Annotated[str | None, typer.Option(
@@ -149,11 +158,14 @@ def run(
     settings = load_settings()
     conf: dict[str, Any] = {"source": _source_option(data), "as_of": as_of, "t_val": t_val, "t_test": t_test,
                             "quality_threshold": quality_threshold, "drift_mode": drift_mode,
+                            "horizon_days": horizon_days, "bot_events_per_day": bot_events_per_day,
+                            "drift_threshold": drift_threshold,
                             "two_tower": _json_option(two_tower, "--two-tower"),
                             "index": _json_option(index, "--index")}
     synthetic = dict(DEFAULT_PARAMS["synthetic"])
-    if events is not None:
-        synthetic["n_events"] = events
+    for key, value in (("n_events", events), ("n_users", users), ("n_items", items), ("n_days", days)):
+        if value is not None:
+            synthetic[key] = value
     if seed is not None:
         synthetic["seed"] = seed
     if faults is not None:

@@ -41,6 +41,10 @@ class RetrievalConfig:
     content_method: str = "auto"  # auto | minilm | hashed
     n_boot: int = 1000
     seed: int = SEED
+    # Wall-clock seconds for each model's grid on the validation window: training time grows with the
+    # data, so on large data fewer configs (the first ones, the best-known defaults) and epochs fit.
+    # The refit then trains the chosen config for its best epoch count. None: no limit.
+    grid_budget_s: float | None = 300.0
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any] | None) -> RetrievalConfig:
@@ -142,10 +146,19 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
     for name, grid in (("two_tower", config.grid), ("mf", config.mf_grid)):
         configs = grid_configs(TwoTowerConfig.from_dict({**base.to_dict(), "model": name}), grid)
         trials = []
+        deadline = time.monotonic() + config.grid_budget_s if config.grid_budget_s is not None else None
+        skipped = []
         for cfg in configs:
-            m = fit(train_ex, items, users, content, method, cfg, validation=val_window)
+            if trials and deadline is not None and time.monotonic() >= deadline:
+                skipped.append(cfg.to_dict())
+                continue
+            m = fit(train_ex, items, users, content, method, cfg, validation=val_window, deadline=deadline)
             trials.append({"config": cfg.to_dict(), "best_epoch": m.info["best_epoch"],
-                           "val_recall": m.info["best_val_recall"], "history": m.info["history"]})
+                           "val_recall": m.info["best_val_recall"], "history": m.info["history"],
+                           "stopped_by_budget": m.info["stopped_by_budget"]})
+        if skipped:
+            log.warning("%s: the grid's time budget (%.0f s) was spent after %d of %d configs; not tried: %s",
+                        name, config.grid_budget_s, len(trials), len(configs), skipped)
         best = max(range(len(trials)), key=lambda i: trials[i]["val_recall"])
         chosen = configs[best]
         t1 = time.perf_counter()
@@ -153,7 +166,7 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
         refit_seconds = time.perf_counter() - t1
         recs = recommend(refit, test_window, users, max(EVAL_KS))
         metrics = evaluate(recs, test_truth, len(items), ks=EVAL_KS, n_boot=config.n_boot, seed=config.seed)
-        results["models"][name] = {"chosen": chosen.to_dict(), "trials": trials, "test": metrics,
+        results["models"][name] = {"chosen": chosen.to_dict(), "trials": trials, "skipped": skipped, "test": metrics,
                                    "refit_seconds": round(refit_seconds, 2),
                                    "seconds_per_epoch": refit.info["seconds_per_epoch"]}
         models[name] = refit

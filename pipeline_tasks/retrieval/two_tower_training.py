@@ -132,11 +132,12 @@ def recall_at(model: TwoTowerModel, window: Window, users: pd.DataFrame | None, 
 
 def fit(examples: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None, content: np.ndarray,
         content_method: str, config: TwoTowerConfig, validation: Window | None = None,
-        epochs: int | None = None, on_epoch: Any = None) -> TwoTowerModel:
+        epochs: int | None = None, on_epoch: Any = None, deadline: float | None = None) -> TwoTowerModel:
     """Train on ``examples`` (interactions, optionally with point-in-time feature columns).
 
     With ``validation``: early stopping on recall@``eval_k`` (patience ``patience``), keeping the best
-    epoch's weights. Without: exactly ``epochs`` epochs (the refit of the protocol).
+    epoch's weights. Without: exactly ``epochs`` epochs (the refit of the protocol). ``deadline`` (a
+    ``time.monotonic()`` instant) ends training after the epoch that passes it (the grid's time budget).
     """
     seed_everything(config.seed)
     ex = first_interactions(examples)
@@ -197,7 +198,11 @@ def fit(examples: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None,
         log.info("%s epoch %d: %s", config.model, epoch, {k: round(v, 4) for k, v in row.items()})
         if on_epoch is not None:
             on_epoch(row)
+        out_of_time = deadline is not None and time.monotonic() >= deadline and epoch < max_epochs
         if validation is None:
+            if out_of_time:
+                log.warning("time budget spent: %s stops after epoch %d of %d", config.model, epoch, max_epochs)
+                break
             continue
         score = row[f"val_recall@{config.eval_k}"]
         if score > best:
@@ -209,10 +214,15 @@ def fit(examples: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame | None,
                 log.info("early stop after epoch %d (best epoch %d, val recall@%d %.4f)", epoch, best_epoch,
                          config.eval_k, best)
                 break
+        if out_of_time:
+            log.warning("time budget spent: %s stops after epoch %d (best epoch %d, val recall@%d %.4f)",
+                        config.model, epoch, best_epoch, config.eval_k, best)
+            break
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()
     model.info = {"history": history, "epochs": len(history), "best_epoch": best_epoch or len(history),
+                  "stopped_by_budget": bool(deadline is not None and time.monotonic() >= deadline),
                   "best_val_recall": best if validation is not None else None, "examples": n,
                   "seconds_per_epoch": float(np.median([h["seconds"] for h in history])) if history else None}
     return model

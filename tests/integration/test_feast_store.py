@@ -391,7 +391,8 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_feast_cli_apply_and_ui(pit_settings: Settings, tmp_path: Path) -> None:
-    """What a user runs: ``feast -c feature_repo apply`` and ``feast -c feature_repo ui`` with RECSYS_HOME set."""
+    """What a user runs: ``feast -c feature_repo apply`` and ``feast -c feature_repo ui`` with RECSYS_HOME and
+    RECSYS_NAMESPACE set (the store of one source)."""
     if importlib.util.find_spec("grpc_health") is None:
         pytest.fail("`feast ui` imports grpc_health (Feast 0.67's REST registry API) but it is not installed: "
                     "depend on feast[redis,spark,grpcio] (adds grpcio-health-checking, grpcio-reflection)")
@@ -402,16 +403,18 @@ def test_feast_cli_apply_and_ui(pit_settings: Settings, tmp_path: Path) -> None:
     port = _free_port()
     # The UI serves the registry apply_repo wrote (pit_settings); it starts while the CLI applies elsewhere.
     ui = subprocess.Popen([feast, "-c", repo, "ui", "-h", "127.0.0.1", "-p", str(port)],
-                          env={**base_env, "RECSYS_HOME": str(pit_settings.home)}, cwd=tmp_path,
+                          env={**base_env, "RECSYS_HOME": str(pit_settings.home),
+                               "RECSYS_NAMESPACE": pit_settings.namespace}, cwd=tmp_path,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         cli_home = tmp_path / "cli-home"
         (cli_home / "feature_store").mkdir(parents=True)  # Feast's file registry creates one directory level only
-        applied = subprocess.run([feast, "-c", repo, "apply"], env={**base_env, "RECSYS_HOME": str(cli_home)},
+        applied = subprocess.run([feast, "-c", repo, "apply"],
+                                 env={**base_env, "RECSYS_HOME": str(cli_home), "RECSYS_NAMESPACE": "cli_source"},
                                  cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False)
         assert applied.returncode == 0, applied.stdout + applied.stderr
         assert "Created feature service ranker_v1" in applied.stdout, applied.stdout
-        cli_settings = Settings(home=cli_home, artifact_root=cli_home / "runs")
+        cli_settings = Settings(home=cli_home, artifact_root=cli_home / "runs", namespace="cli_source")
         assert (cli_settings.feature_store_dir / "registry.db").exists()
         assert {fv.name for fv in fs.get_store(cli_settings).list_feature_views()} == {"user_stats_fv",
                                                                                       "item_stats_fv"}
@@ -428,10 +431,11 @@ def test_feast_cli_apply_and_ui(pit_settings: Settings, tmp_path: Path) -> None:
             pytest.fail(f"feast ui did not answer 200 (last: {status} {body[:200]}); output:\n"
                         f"{ui.communicate(timeout=30)[0][-3000:]}")
         assert "<html" in body.lower()
-        status, body = _get(f"http://127.0.0.1:{port}/api/v1/feature_services?project=recsys")
+        project = f"recsys_{pit_settings.namespace}"
+        status, body = _get(f"http://127.0.0.1:{port}/api/v1/feature_services?project={project}")
         assert status == 200 and "ranker_v1" in body and "two_tower_v1" in body, body[:500]
         status, body = _get(f"http://127.0.0.1:{port}/projects-list.json")
-        assert status == 200 and '"recsys"' in body, body[:500]
+        assert status == 200 and f'"{project}"' in body, body[:500]
     finally:
         if ui.poll() is None:
             os.killpg(ui.pid, signal.SIGTERM)

@@ -214,3 +214,16 @@ def test_online_embeds_and_searches_without_training_or_pipeline_modules(trained
         "pipeline_tasks.online.index", fromlist=["load_index"]).load_index(tmp_path / "index"))
     assert out["ids"] == local_ids[0] and len(out["ids"]) == 10
     assert out["loaded"] == [], f"the online path imported {out['loaded']}"
+
+
+def test_a_spent_time_budget_stops_training_after_the_current_epoch(data):
+    import time
+
+    tables, w, content, method = data
+    truth, _ = targets(w["train"], w["validation"])
+    cfg = TwoTowerConfig.from_dict({**SMALL.to_dict(), "max_epochs": 5, "patience": 5})
+    model = fit(w["train"], tables.items, tables.users, content, method, cfg, validation=Window(w["train"], truth),
+                deadline=time.monotonic())
+    assert model.info["epochs"] == 1 and model.info["stopped_by_budget"] and model.info["best_epoch"] == 1
+    unlimited = fit(w["train"], tables.items, tables.users, content, method, cfg, epochs=2)
+    assert unlimited.info["epochs"] == 2 and not unlimited.info["stopped_by_budget"]
