@@ -102,8 +102,7 @@ def training_set(entity_rows: pd.DataFrame, feature_service: str, settings: Sett
     request = pd.DataFrame({key: entity_rows[key].astype(str).to_numpy() for key in keys})
     moments = _utc_us(entity_rows[ENTITY_TIMESTAMP])
     if until is not None:
-        moments = moments.clip(upper=pd.Timestamp(until).tz_convert("UTC") if pd.Timestamp(until).tzinfo
-                               else pd.Timestamp(until).tz_localize("UTC"))
+        moments = moments.clip(upper=to_utc(until))
     request[ENTITY_TIMESTAMP] = moments.to_numpy()
     request[ROW_ID] = np.arange(len(request), dtype=np.int64)
     service = [ref for view in views for ref in view.refs]

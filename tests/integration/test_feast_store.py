@@ -273,6 +273,43 @@ def test_production_spark_offline_store_gives_the_same_training_set(pit_settings
     pd.testing.assert_frame_equal(got, expected)
 
 
+def test_a_run_reads_only_the_partitions_it_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads capped at the run's last day (``until``) give the same answer after a later partition lands."""
+    settings = settings_for(tmp_path, monkeypatch)
+    write_snapshots(settings, *snapshots(range(4)))  # the run recorded days 0..3
+    fs_store.apply_repo(settings)
+    store = fs.get_store(settings)
+    until = history.end_of_day(DAYS[3].date().isoformat())
+    assert until == end_of_day(DAYS[3])
+    rows = pd.DataFrame({"user_id": ["u_change", "u_late"], "item_id": ["i_pop", "i_new"],
+                         "event_timestamp": [DAYS[4] + pd.Timedelta(hours=36)] * 2})
+    before = history.training_set(rows, "ranker_v1", store=store, until=until)
+    assert before["user_total_interactions"].tolist() == [user_row("u_change", 3)["user_total_interactions"],
+                                                          user_row("u_late", 3)["user_total_interactions"]]
+    write_snapshots(settings, *snapshots((4,)))  # a later run adds day 4
+    after = history.training_set(rows, "ranker_v1", store=store, until=until)
+    pd.testing.assert_frame_equal(after, before)
+    uncapped = history.training_set(rows, "ranker_v1", store=store)
+    assert uncapped["user_total_interactions"].tolist()[0] == user_row("u_change", 4)["user_total_interactions"]
+
+
+def test_training_sets_evaluation_and_index_reads_agree(pit_store: Any) -> None:
+    """The evaluation windows' and the index build's reads (features_at) are the training set's read."""
+    at = DAYS[4] + pd.Timedelta(hours=2)
+    users, items = ["u_change", "u_late", "u_sparse", "u_unknown"], ["i_pop", "i_new", "i_old"]
+    user_rows, item_rows = history.features_at(at, user_ids=users, item_ids=items, feature_service="ranker_v1",
+                                               store=pit_store)
+    pairs = pd.DataFrame({"user_id": users + ["u_change"] * 3, "item_id": ["i_pop"] * 4 + items,
+                          "event_timestamp": at})
+    both = history.training_set(pairs, "ranker_v1", store=pit_store)
+    assert user_rows["user_id"].tolist() == users and item_rows["item_id"].tolist() == items
+    pd.testing.assert_frame_equal(user_rows[USER_FEATURES].reset_index(drop=True),
+                                  both[USER_FEATURES].iloc[:4].reset_index(drop=True))
+    pd.testing.assert_frame_equal(item_rows[ITEM_FEATURES].reset_index(drop=True),
+                                  both[ITEM_FEATURES].iloc[4:].reset_index(drop=True))
+    assert user_rows["user_total_interactions"].notna().sum() == 3  # u_unknown: null, not dropped
+
+
 def test_training_set_rejects_incomplete_entity_rows(pit_store: Any) -> None:
     with pytest.raises(ValueError, match="missing \\['event_timestamp'\\]"):
         history.training_set(pd.DataFrame({"user_id": ["u_change"], "item_id": ["i_pop"]}), "ranker_v1",
