@@ -8,7 +8,8 @@ Daily. A run looks at all events up to its `as_of` and writes everything under
   canonical tables -> `ingest/*.parquet`.
 - `validate`: Great Expectations suites from `expectations/`; bad rows quarantined with all their
   reasons; fails at once (no retry) below `quality_threshold` -> `validate/accepted/`,
-  `validate/quarantine/`, `validate/report.json`, `validate/data_docs/index.html` (GX Data Docs).
+  `validate/quarantine/`, `validate/report.json`, `validate/data_docs/index.html` (results page; GX's docs in
+  `validate/data_docs/gx/`).
 - `split`: time-based train / validation / test split (DATA_CONTRACT.md) -> `split/*.parquet`,
   `split/split.json`.
 - `build_features`: PySpark daily user and item feature snapshots (each valid from the end of its
@@ -33,9 +34,9 @@ The params are resolved once by `ingest` (defaults, then `RECSYS_*` settings, th
 run's `manifest.json`; every later task reads them from there.
 
 **Params**: `source`, `synthetic` (generator settings, `faults`), `as_of` (ISO-8601; empty = contract default),
-`t_val`/`t_test` (explicit split boundaries), `quality_threshold`, `horizon_days`, `bot_events_per_day`,
-`drift_mode` (warn | fail), `drift_threshold` (PSI, default 0.2), `two_tower` (grid, epochs, content method),
-`index` (kind, target_recall, k).
+`t_val`/`t_test` (explicit split boundaries), `quality_threshold`, `max_stub_share`, `horizon_days`,
+`bot_events_per_day`, `drift_mode` (warn | fail), `drift_threshold` (PSI, default 0.2), `two_tower` (grid,
+epochs, content method, `grid_budget_s`), `index` (kind, target_recall, k).
 
 **Extending**: write a function in `pipeline_tasks/<package>/<module>.py` that takes `out_dir` and returns a
 small dict, add a one-line stage in `pipeline_tasks/stages/<package>.py`, and wire a task here (with `@fail_fast`)
@@ -68,6 +69,10 @@ PARAMS = {
     "t_test": Param(None, type=["null", "string"], description="explicit test boundary (with t_val)"),
     "quality_threshold": Param(None, type=["null", "number"], minimum=0, maximum=1,
                                description="minimum accepted share of interactions (default 0.95)"),
+    "max_stub_share": Param(DEFAULT_PARAMS["max_stub_share"], type=["null", "number"], minimum=0, maximum=1,
+                            description="largest share of accepted interactions whose item (or user) is missing "
+                                        "from its table and gets a stub row; above it the gate fails (default 0.05, "
+                                        "RECSYS_MAX_STUB_SHARE)"),
     "horizon_days": Param(None, type=["null", "integer"], minimum=1, description="oldest allowed event age"),
     "bot_events_per_day": Param(None, type=["null", "integer"], minimum=1,
                                 description="events per user per UTC day above which that day is a bot's"),

@@ -13,7 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline_tasks.core.constants import DEFAULT_MAX_STUB_SHARE, DEFAULT_QUALITY_THRESHOLD
 from pipeline_tasks.core.settings import airflow_env, disable_telemetry, load_settings
+from pipeline_tasks.core.task_logs import DagTestLog, TaskAttempt
 
 app = typer.Typer(help="DAG-first recommender platform: run the training DAG, open Airflow, run stages.",
                   no_args_is_help=True, add_completion=False)
@@ -23,8 +25,19 @@ DAG_ID = "recsys_training"
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _abs(path: Path) -> Path:
+    """A path argument as an absolute path (relative ones are taken from the current directory)."""
+    return path.expanduser().resolve()
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one ``error:`` line (no traceback) and return the exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
 
 
 def _airflow(args: list[str], env: dict[str, str], capture: bool = False) -> subprocess.CompletedProcess[str]:
@@ -78,45 +91,143 @@ def _source_option(data: str) -> str:
     return str(Path(data).expanduser().resolve())
 
 
-def _print_summary(manifest_path: Path) -> None:
-    manifest = json.loads(manifest_path.read_text())
-    typer.echo("\nArtifacts of this run:")
-    typer.echo(f"  run directory : {manifest['run_dir']}")
-    typer.echo(f"  manifest      : {manifest_path}")
-    for task, info in manifest.get("tasks", {}).items():
-        outputs = info.get("outputs") or {}
-        shown = {k: v for k, v in outputs.items() if isinstance(v, str) and ("/" in v)}
-        typer.echo(f"  {task:<14}: {info.get('status')}" + (f" ({info.get('error')})" if info.get("error") else ""))
-        for key, value in shown.items():
-            typer.echo(f"      {key:<14} {value}")
-    if "data" in manifest:
-        typer.echo(f"  data snapshot : sha256 {manifest['data']['snapshot_sha256']}")
-        c = manifest["data"]["counts"]["interactions"]
-        typer.echo(f"  interactions  : {c['input']:,} input = {c['accepted']:,} accepted + "
-                   f"{c['quarantined']:,} quarantined")
-
-
 def _json_option(value: str | None, name: str) -> dict[str, Any] | None:
     if value is None:
         return None
     try:
         parsed = json.loads(value)
     except ValueError as exc:
-        raise typer.BadParameter(f"{name} must be a JSON object, e.g. '{{\"kind\": \"hnsw\"}}': {exc}") from exc
+        raise _fail(f"{name} must be a JSON object, e.g. '{{\"kind\": \"hnsw\"}}': {exc}") from None
     if not isinstance(parsed, dict):
-        raise typer.BadParameter(f"{name} must be a JSON object, got {type(parsed).__name__}")
+        raise _fail(f"{name} must be a JSON object, got {type(parsed).__name__}")
     return parsed
 
 
-def _dags_test(dag_id: str, conf: dict[str, Any], extra: list[str], settings: Any) -> tuple[int, str | None]:
-    """``airflow dags test DAG_ID`` on the shared AIRFLOW_HOME; returns the exit code and the run id."""
+def _faults_option(faults: str) -> str | dict[str, float]:
+    if faults in ("all", "none"):
+        return faults
+    try:
+        return {"rate": float(faults)}
+    except ValueError:
+        raise _fail(f"--faults {faults!r}: use all, none or a rate such as 0.01") from None
+
+
+def check_run(conf: dict[str, Any]) -> dict[str, Any]:
+    """The run's config as its ingest task will resolve it, every stage's settings built from it and the
+    source checked (headers and first rows); raises PermanentError (invalid params, bad source)."""
+    from pipeline_tasks.data.source_check import check_source
+    from pipeline_tasks.stages.common import resolve_config
+
+    config = resolve_config(conf)
+    if config["source"].startswith("movielens:"):  # resolve_config checks the other kinds
+        check_source(config["source"])
+    return dict(config)
+
+
+class _Progress:
+    """One line per task attempt as it finishes: state, seconds and the task's key figure from the manifest."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.log: DagTestLog | None = None
+
+    def __call__(self, attempt: TaskAttempt) -> None:
+        from pipeline_tasks.core.run_summary import key_figure
+        from pipeline_tasks.core.runs import MANIFEST, run_dir
+
+        if attempt.state == "marked_success":
+            typer.echo(f"  {attempt.task_id:<17}marked success (not run: --mark-success)")
+            return
+        info: dict[str, Any] = {}
+        run_id = self.log.run_id if self.log else None
+        manifest = run_dir(run_id, self.settings) / MANIFEST if run_id else None
+        if manifest is not None and manifest.exists():
+            info = json.loads(manifest.read_text()).get("tasks", {}).get(attempt.task_id) or {}
+        state = attempt.state or info.get("status") or "unknown"
+        figure = key_figure(attempt.task_id, info) if state == "success" else ""
+        retry = f" (attempt {attempt.attempt})" if attempt.attempt > 1 else ""
+        typer.echo(f"  {attempt.task_id:<17}{state:<14}{attempt.seconds:7.1f} s  {figure}{retry}".rstrip())
+        if state != "success" and attempt.error:
+            typer.echo("      " + attempt.error.replace("\n", "\n      "))
+        if state == "up_for_retry":
+            typer.echo("      (a transient error: Airflow retries the task after its retry delay)")
+
+
+def _dags_test(dag_id: str, conf: dict[str, Any], extra: list[str], settings: Any, full_log: Path,
+               verbose: bool) -> tuple[int, str | None, list[TaskAttempt]]:
+    """``airflow dags test DAG_ID`` on the shared AIRFLOW_HOME, its output routed by :class:`DagTestLog`.
+
+    Every line goes to ``full_log`` (and to the console with ``verbose``); each task's lines go to its
+    Airflow log file, so the UI shows them; a line per finished task is printed. Returns the exit code,
+    the run id and the task attempts.
+    """
     env = airflow_env(settings)
     os.environ.update({k: env[k] for k in ("RECSYS_HOME", "AIRFLOW_HOME")})
     ensure_airflow_home(env)
+    env["AIRFLOW__LOGGING__JSON_LOGS"] = "True"  # the lines a worker writes to a task log file
+    env["AIRFLOW__LOGGING__COLORED_CONSOLE_LOG"] = "False"
     logical_date = datetime.now(UTC).isoformat()
-    typer.echo(f"Running DAG {dag_id} (logical date {logical_date}) ...")
-    res = _airflow(["dags", "test", dag_id, logical_date, "--conf", json.dumps(conf), *extra], env)
-    return res.returncode, find_run_id(env, logical_date, dag_id)
+    cmd = [str(Path(sys.executable).parent / "airflow"), "dags", "test", dag_id, logical_date,
+           "--conf", json.dumps(conf), *extra]
+    typer.echo(f"Running DAG {dag_id} with `airflow dags test` (logical date {logical_date}) ...")
+    full_log.parent.mkdir(parents=True, exist_ok=True)
+    progress = _Progress(settings)
+    with full_log.open("w", encoding="utf-8") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        router = DagTestLog(dag_id, Path(env["AIRFLOW__LOGGING__BASE_LOG_FOLDER"]), out,
+                            echo=typer.echo if verbose else None, on_task=progress)
+        progress.log = router
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                router.feed(line)
+            returncode = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(timeout=60)
+            raise
+        finally:
+            router.close()
+    return returncode, router.run_id or find_run_id(env, logical_date, dag_id), router.attempts
+
+
+def _full_log_path(settings: Any, command: str) -> Path:
+    return settings.home / "logs" / f"recsys-{command}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.log"
+
+
+def _report(dag_id: str, run_id: str | None, returncode: int, attempts: list[TaskAttempt], full_log: Path,
+            settings: Any, seconds: float) -> None:
+    """The summary after a run (artifacts, model quality, MLflow, UI) and the exit for a failed run."""
+    from urllib.parse import quote
+
+    from pipeline_tasks.core.run_summary import summary_lines
+    from pipeline_tasks.core.runs import MANIFEST, run_dir
+
+    manifest_path = run_dir(run_id, settings) / MANIFEST if run_id else None
+    manifest = json.loads(manifest_path.read_text()) if manifest_path and manifest_path.exists() else None
+    if manifest_path and manifest:
+        for line in summary_lines(manifest, manifest_path, settings.mlflow_tracking_uri):
+            typer.echo(line)
+    typer.echo(f"\nRun id        : {run_id}")
+    typer.echo(f"Full log      : {full_log}")
+    typer.echo(f"Airflow home  : {airflow_env(settings)['AIRFLOW_HOME']}")
+    page = f"http://localhost:8080/dags/{dag_id}" + (f"/runs/{quote(run_id, safe='')}" if run_id else "")
+    recsys = Path(sys.executable).parent / "recsys"
+    typer.echo(f"Airflow UI    : {recsys} ui, then open {page} (graph, task logs)")
+    typer.echo(f'Airflow CLI   : eval "$({recsys} env)"; airflow tasks states-for-dag-run {dag_id} \'{run_id}\'')
+    took = f"{int(seconds // 60)} min {int(seconds % 60)} s" if seconds >= 60 else f"{seconds:.0f} s"
+    if returncode == 0:
+        typer.echo(f"The run succeeded in {took}.")
+        return
+    failed = [a.task_id for a in attempts if a.state == "failed"]
+    if not attempts:  # Airflow stopped before any task: show why
+        typer.echo("".join(full_log.read_text(errors="replace").splitlines(keepends=True)[-30:]), err=True)
+    where = f" at task {failed[-1]}" if failed else ""
+    typer.echo(f"\nThe run FAILED{where} after {took} (airflow exit {returncode}). The error is above; the task's "
+               f"log is in the Airflow UI and in {full_log}. Fix the cause and run again.", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -127,6 +238,9 @@ def run(
     t_val: Annotated[str | None, typer.Option(help="explicit validation boundary (give --t-test too)")] = None,
     t_test: Annotated[str | None, typer.Option(help="explicit test boundary")] = None,
     quality_threshold: Annotated[float | None, typer.Option(help="minimum accepted share (default 0.95)")] = None,
+    max_stub_share: Annotated[float | None, typer.Option(
+        help="largest share of interactions whose item (or user) had to be stubbed before the quality gate fails "
+             "(default 0.05, RECSYS_MAX_STUB_SHARE)")] = None,
     horizon_days: Annotated[int | None, typer.Option(help="oldest allowed event age in days, counted back from "
                                                          "the newest event (default 730)")] = None,
     bot_events_per_day: Annotated[int | None, typer.Option(
@@ -148,48 +262,54 @@ def run(
     )] = None,
     index: Annotated[str | None, typer.Option(
         help="JSON FAISS index overrides, e.g. '{\"kind\": \"hnsw\", \"target_recall\": 0.95}'")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every log line, not only the summary")] = False,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="if another `recsys run` is running on this RECSYS_HOME, queue behind it instead of refusing")]
+    = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="print every log line of the run (always written to the full log file)")] = False,
 ) -> None:
-    """Run the recsys_training DAG end to end with `airflow dags test` (visible in `recsys ui`)."""
+    """Run the recsys_training DAG end to end with `airflow dags test` (visible in `recsys ui`, with task logs)."""
     from pipeline_tasks.core.constants import DEFAULT_PARAMS
-    from pipeline_tasks.core.runs import MANIFEST, run_dir
+    from pipeline_tasks.core.errors import PermanentError
+    from pipeline_tasks.core.run_lock import RunInProgressError, describe, run_lock
 
     _setup_logging(verbose)
     settings = load_settings()
     conf: dict[str, Any] = {"source": _source_option(data), "as_of": as_of, "t_val": t_val, "t_test": t_test,
-                            "quality_threshold": quality_threshold, "drift_mode": drift_mode,
-                            "horizon_days": horizon_days, "bot_events_per_day": bot_events_per_day,
-                            "drift_threshold": drift_threshold,
+                            "quality_threshold": quality_threshold, "max_stub_share": max_stub_share,
+                            "drift_mode": drift_mode, "horizon_days": horizon_days,
+                            "bot_events_per_day": bot_events_per_day, "drift_threshold": drift_threshold,
                             "two_tower": _json_option(two_tower, "--two-tower"),
                             "index": _json_option(index, "--index")}
     synthetic = dict(DEFAULT_PARAMS["synthetic"])
-    for key, value in (("n_events", events), ("n_users", users), ("n_items", items), ("n_days", days)):
+    for key, value in (("n_events", events), ("n_users", users), ("n_items", items), ("n_days", days),
+                       ("seed", seed)):
         if value is not None:
             synthetic[key] = value
-    if seed is not None:
-        synthetic["seed"] = seed
     if faults is not None:
-        synthetic["faults"] = faults if faults in ("all", "none") else {"rate": float(faults)}
+        synthetic["faults"] = _faults_option(faults)
     conf["synthetic"] = synthetic
     conf = {k: v for k, v in conf.items() if v is not None}
-    typer.echo(f"Data source: {conf['source']}")
+    try:  # before Airflow starts: invalid params or a bad source fail in seconds, in one line
+        config = check_run(conf)
+    except PermanentError as exc:
+        raise _fail(str(exc)) from None
+    full_log = _full_log_path(settings, "run")
     extra = ["--mark-success-pattern", mark_success] if mark_success else []
-    returncode, run_id = _dags_test(DAG_ID, conf, extra, settings)
-    manifest = run_dir(run_id, settings) / MANIFEST if run_id else None
-    if manifest and manifest.exists():
-        _print_summary(manifest)
-    _print_footer(run_id, returncode, DAG_ID)
 
+    def queued(holder: dict[str, Any]) -> None:
+        typer.echo(f"Waiting for the running `recsys run` to end ({describe(holder)}) ...")
 
-def _print_footer(run_id: str | None, returncode: int, dag_id: str) -> None:
-    typer.echo(f"\nRun id        : {run_id}")
-    typer.echo(f"Airflow home  : {airflow_env(load_settings())['AIRFLOW_HOME']}")
-    typer.echo(f"Airflow UI    : `recsys ui`, then open http://localhost:8080 (DAG {dag_id}, this run)")
-    if returncode != 0:
-        typer.echo(f"\nThe run FAILED (airflow exit {returncode}). The failing task's error is above and in "
-                   f"the manifest; fix the cause and run again.", err=True)
-        raise typer.Exit(1)
-    typer.echo("The run succeeded.")
+    started = datetime.now(UTC)
+    try:
+        with run_lock(settings.home, {"source": conf["source"], "log": str(full_log)}, wait=wait, on_wait=queued):
+            started = datetime.now(UTC)
+            typer.echo(f"Data source   : {conf['source']} (namespace {config['namespace']})")
+            typer.echo(f"Full log      : {full_log}" + ("" if verbose else " (-v prints it here too)"))
+            returncode, run_id, attempts = _dags_test(DAG_ID, conf, extra, settings, full_log, verbose)
+    except RunInProgressError as exc:
+        raise _fail(str(exc), code=3) from None
+    _report(DAG_ID, run_id, returncode, attempts, full_log, settings, (datetime.now(UTC) - started).total_seconds())
 
 
 @app.command()
@@ -197,23 +317,19 @@ def refresh(
     source: Annotated[str | None, typer.Option(
         help="catalog: contract DIR, items file or built-in source (default: the serving model's training source)"
     )] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show every log line, not only the summary")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="print every log line of the run (always written to the full log file)")] = False,
 ) -> None:
     """Run the recsys_item_refresh DAG once: embed new catalog items and publish the next index version."""
-    from pipeline_tasks.core.runs import MANIFEST, run_dir
-
     _setup_logging(verbose)
     settings = load_settings()
     conf = {"source": _source_option(source)} if source else {}
-    returncode, run_id = _dags_test("recsys_item_refresh", conf, [], settings)
-    manifest = run_dir(run_id, settings) / MANIFEST if run_id else None
-    if manifest and manifest.exists():
-        _print_summary(manifest)
-        out = json.loads(manifest.read_text()).get("tasks", {}).get("refresh_items", {}).get("outputs") or {}
-        if out:
-            typer.echo(f"  refresh       : {out.get('status')}, {out.get('added', 0)} new items, index "
-                       f"{out.get('index_dir')}")
-    _print_footer(run_id, returncode, "recsys_item_refresh")
+    full_log = _full_log_path(settings, "refresh")
+    typer.echo(f"Full log      : {full_log}" + ("" if verbose else " (-v prints it here too)"))
+    started = datetime.now(UTC)
+    returncode, run_id, attempts = _dags_test("recsys_item_refresh", conf, [], settings, full_log, verbose)
+    _report("recsys_item_refresh", run_id, returncode, attempts, full_log, settings,
+            (datetime.now(UTC) - started).total_seconds())
 
 
 @app.command()
@@ -252,12 +368,11 @@ def generate(
     _setup_logging(False)
     disable_telemetry()
     spec: dict[str, Any] = {"n_users": users, "n_items": items, "n_days": days, "n_events": events, "seed": seed,
-                            "faults": faults if faults in ("all", "none") else {"rate": float(faults)}}
+                            "faults": _faults_option(faults)}
     try:
-        out = ingest("synthetic", out_dir, synthetic=spec)
+        out = ingest("synthetic", _abs(out_dir), synthetic=spec)
     except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise _fail(str(exc)) from None
     typer.echo(json.dumps(out["counts"]))
 
 
@@ -266,19 +381,32 @@ def validate(
     input_dir: Annotated[Path, typer.Argument(help="a contract directory")],
     out_dir: Annotated[Path, typer.Argument(help="where accepted/, quarantine/, report.json, data_docs/ go")],
     as_of: Annotated[str | None, typer.Option(help="ISO-8601 as_of")] = None,
-    quality_threshold: Annotated[float, typer.Option(help="minimum accepted share of interactions")] = 0.95,
+    quality_threshold: Annotated[float, typer.Option(help="minimum accepted share of interactions")]
+    = DEFAULT_QUALITY_THRESHOLD,
+    max_stub_share: Annotated[float, typer.Option(
+        help="largest share of interactions whose item (or user) had to be stubbed before the gate fails")]
+    = DEFAULT_MAX_STUB_SHARE,
 ) -> None:
     """Validate a contract directory with the GX suites (no Airflow); exit 1 if the gate fails."""
+    from pipeline_tasks.core.errors import PermanentError
+    from pipeline_tasks.data.source_check import check_contract_dir
     from pipeline_tasks.data.validate import DataQualityError, ValidationConfig, to_utc, validate_contract_dir
 
     _setup_logging(False)
     disable_telemetry()
-    cfg = ValidationConfig(as_of=to_utc(as_of) if as_of else None, quality_threshold=quality_threshold)
     try:
-        out = validate_contract_dir(input_dir, out_dir, cfg)
+        anchor = to_utc(as_of) if as_of else None
+    except ValueError as exc:
+        raise _fail(f"--as-of {as_of!r} is not an ISO-8601 moment ({exc})") from None
+    try:
+        check_contract_dir(_abs(input_dir))
+        cfg = ValidationConfig(as_of=anchor, quality_threshold=quality_threshold, max_stub_share=max_stub_share)
+        out = validate_contract_dir(_abs(input_dir), _abs(out_dir), cfg)
     except DataQualityError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from exc
+    except PermanentError as exc:
+        raise _fail(str(exc)) from None
     typer.echo(json.dumps({k: out[k] for k in ("counts", "quality_rate", "report", "data_docs")}, indent=2))
 
 
@@ -291,10 +419,16 @@ def split(
     t_test: Annotated[str | None, typer.Option(help="explicit test boundary (ISO-8601)")] = None,
 ) -> None:
     """Time-based split of a contract directory (no Airflow)."""
+    from pipeline_tasks.core.errors import PermanentError
+    from pipeline_tasks.data.source_check import check_contract_dir
     from pipeline_tasks.data.split import SplitConfig, split_contract_dir
 
     _setup_logging(False)
-    out = split_contract_dir(accepted_dir, out_dir, SplitConfig(t_val=t_val, t_test=t_test))
+    try:
+        check_contract_dir(_abs(accepted_dir))
+        out = split_contract_dir(_abs(accepted_dir), _abs(out_dir), SplitConfig(t_val=t_val, t_test=t_test))
+    except (PermanentError, ValueError) as exc:
+        raise _fail(str(exc)) from None
     typer.echo(json.dumps({k: out[k] for k in ("t_val", "t_test", "counts")}, indent=2))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline_tasks.core.constants import (
     DEFAULT_BOT_EVENTS_PER_DAY,
     DEFAULT_HORIZON_DAYS,
+    DEFAULT_MAX_STUB_SHARE,
     DEFAULT_QUALITY_THRESHOLD,
     EVENT_TYPES,
 )
@@ -30,6 +31,7 @@ class Settings:
     horizon_days: int = DEFAULT_HORIZON_DAYS
     bot_events_per_day: int = DEFAULT_BOT_EVENTS_PER_DAY
     quality_threshold: float = DEFAULT_QUALITY_THRESHOLD
+    max_stub_share: float = DEFAULT_MAX_STUB_SHARE
     # The data source's identity (``pipeline_tasks.core.namespace``): its own feature store and MLflow
     # experiment, so two sources in one home never mix. Runs set it from their source; tools default to it.
     namespace: str = "default"
@@ -82,6 +84,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         horizon_days=int(env.get("RECSYS_HORIZON_DAYS", DEFAULT_HORIZON_DAYS)),
         bot_events_per_day=int(env.get("RECSYS_BOT_EVENTS_PER_DAY", DEFAULT_BOT_EVENTS_PER_DAY)),
         quality_threshold=float(env.get("RECSYS_QUALITY_THRESHOLD", DEFAULT_QUALITY_THRESHOLD)),
+        max_stub_share=float(env.get("RECSYS_MAX_STUB_SHARE", DEFAULT_MAX_STUB_SHARE)),
         namespace=env.get("RECSYS_NAMESPACE") or "default",
         extra={"redis_url": env.get("RECSYS_REDIS_URL", "127.0.0.1:6379"),
                "mlflow_tracking_uri": env.get("RECSYS_MLFLOW_TRACKING_URI", "")},
@@ -129,6 +132,8 @@ def airflow_env(settings: Settings, base: dict[str, str] | None = None) -> dict[
     env.setdefault("RECSYS_HOME", str(settings.home))
     env["AIRFLOW_HOME"] = env.get("AIRFLOW_HOME") or str(settings.airflow_home)
     defaults = {
+        # Where task logs go and the API server reads them; `recsys run` writes its tasks' logs there too.
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(Path(env["AIRFLOW_HOME"]) / "logs"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(project_root() / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # schedules start when you unpause

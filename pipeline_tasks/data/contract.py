@@ -16,6 +16,7 @@ import pandas as pd
 from pipeline_tasks.core.constants import (
     ITEM_COLUMNS,
     ITEM_ID,
+    REQUIRED_COLUMNS,
     REQUIRED_TABLES,
     TABLES,
     TIMESTAMP,
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 RAW_TIMESTAMP = "raw_timestamp"
 RAW_VALUE = "raw_value"
 EPOCH_SECONDS_LIMIT = 9.2e9  # about year 2261, inside pandas' nanosecond timestamp range
+
+
+CONTRACT_HINT = "see DATA_CONTRACT.md for the tables and columns"
 
 
 class ContractError(PermanentError, ValueError):
@@ -176,11 +180,45 @@ def _find(directory: Path, name: str) -> Path | None:
     return None
 
 
-def _read(path: Path) -> pd.DataFrame:
+def read_table(path: Path, nrows: int | None = None) -> pd.DataFrame:
+    """Read a contract table file (parquet or csv) like ingest does, the first ``nrows`` rows only if given.
+
+    Raises :class:`ContractError` naming the file and what is wrong with it.
+    """
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    # Strings only: ids such as "007" must keep their zeros; types are set by normalisation.
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+        return _read_parquet(path, nrows)
+    if path.stat().st_size == 0:
+        raise ContractError(f"{path}: the file is empty (0 bytes); export the table with a header row "
+                            f"({', '.join(REQUIRED_COLUMNS.get(path.stem, ()))} ...) and its rows")
+    try:
+        # Strings only (ids such as "007" keep their zeros), as contract.read_contract_dir reads them.
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], nrows=nrows)
+    except UnicodeDecodeError as exc:
+        raise ContractError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                            "save it as UTF-8 CSV, or as parquet") from None
+    except pd.errors.EmptyDataError:
+        raise ContractError(f"{path}: no header row; the first line must name the columns ({CONTRACT_HINT})") from None
+    except pd.errors.ParserError as exc:
+        raise ContractError(f"{path}: not a readable CSV: {str(exc).strip()}; check that row's quoting and "
+                            "number of fields") from None
+
+
+def _read_parquet(path: Path, nrows: int | None) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if nrows is None:
+            return pd.read_parquet(path)
+        parquet = pq.ParquetFile(path)
+        batch = next(parquet.iter_batches(batch_size=nrows), None)
+        return (batch.to_pandas() if batch is not None else parquet.schema_arrow.empty_table().to_pandas())
+    except (pa.ArrowException, OSError) as exc:
+        raise ContractError(f"{path}: not a readable parquet file ({exc}); export the table again") from None
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return read_table(path)
 
 
 def read_contract_dir(directory: str | Path) -> ContractTables:

@@ -5,12 +5,18 @@ The rules live in ``expectations/<table>.json`` (one GX suite per table). Each e
 own results (``unexpected_index_list`` over a ``_row_id`` column), so GX decides, not a second
 hand-written pass. A few helper columns (``_dup_rank``, ``_user_day_events``, ``_ts_epoch``) are
 derived first so that every contract rule is a plain expectation.
+
+Interactions naming an item (or user) that its table lacks are accepted and the entity gets a stub
+row; the share of such interactions is reported, logged and limited by ``max_stub_share``. The
+gate (:mod:`pipeline_tasks.data.quality_gate`) and the results page written as
+``data_docs/index.html`` (:mod:`pipeline_tasks.data.quality_report`) live in their own modules.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +28,7 @@ import pandas as pd
 from pipeline_tasks.core.constants import (
     DEFAULT_BOT_EVENTS_PER_DAY,
     DEFAULT_HORIZON_DAYS,
+    DEFAULT_MAX_STUB_SHARE,
     DEFAULT_QUALITY_THRESHOLD,
     DEFAULT_SPIKE_SIGMA,
     DEFAULT_SPIKE_WINDOW_DAYS,
@@ -33,20 +40,20 @@ from pipeline_tasks.core.constants import (
     TABLES,
     TIMESTAMP,
     TS_EPOCH,
-    UNKNOWN_CATEGORY,
     USER_DAY_EVENTS,
     USER_ID,
 )
-from pipeline_tasks.core.errors import PermanentError
+from pipeline_tasks.core.errors import InvalidParamsError, PermanentError
 from pipeline_tasks.data.contract import (
     RAW_TIMESTAMP,
     RAW_VALUE,
     ContractTables,
-    normalise_items,
-    normalise_users,
     read_contract_dir,
     write_contract_dir,
 )
+from pipeline_tasks.data.quality_gate import gate_failures, gate_message, reason_details
+from pipeline_tasks.data.quality_report import write_quality_page
+from pipeline_tasks.data.stubs import complete_entities, log_stubs, stub_report
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,8 @@ ID_COLUMN = {"interactions": None, "items": ITEM_ID, "users": USER_ID}
 
 
 class DataQualityError(PermanentError, RuntimeError):
-    """The accepted share of interactions is below the quality threshold (a data error: no retry)."""
+    """The quality gate failed: too few interactions accepted, or too many naming an unknown item or
+    user (a data error: no retry)."""
 
 
 def expectations_dir() -> Path:
@@ -65,7 +73,12 @@ def expectations_dir() -> Path:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Contract rule parameters; ``as_of=None`` means the contract's default anchoring."""
+    """Contract rule parameters; ``as_of=None`` means the contract's default anchoring.
+
+    ``max_stub_share``: the largest share of accepted interactions whose item (or, when a users
+    table was given, whose user) is missing from its table and gets a stub row; above it the gate
+    fails. The default's reasoning is at :data:`~pipeline_tasks.core.constants.DEFAULT_MAX_STUB_SHARE`.
+    """
 
     as_of: datetime | None = None
     horizon_days: int = DEFAULT_HORIZON_DAYS
@@ -74,6 +87,12 @@ class ValidationConfig:
     quality_threshold: float = DEFAULT_QUALITY_THRESHOLD
     spike_sigma: float = DEFAULT_SPIKE_SIGMA
     spike_window_days: int = DEFAULT_SPIKE_WINDOW_DAYS
+    max_stub_share: float = DEFAULT_MAX_STUB_SHARE
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_stub_share <= 1.0:
+            raise InvalidParamsError(f"max_stub_share={self.max_stub_share}: must be a share in [0, 1] "
+                                     "(1 turns the limit off)")
 
 
 @dataclass(frozen=True)
@@ -202,9 +221,11 @@ def run_suites(
                         "expectation": cfg.type,
                         "column": cfg.kwargs.get("column"),
                         "reason": cfg.meta["reason"],
+                        "rule": str(cfg.meta.get("notes", "")),
                         "success": bool(r.success),
                         "unexpected_count": int(r.result.get("unexpected_count") or 0),
-                        "row_ids": _row_ids(failing),
+                        "row_ids": (ids := _row_ids(failing)),
+                        "flagged_rows": len(ids),
                     }
                 )
         out[table] = rows
@@ -258,23 +279,6 @@ def detect_spikes(timestamps: pd.Series, sigma: float, window_days: int) -> list
     ]
 
 
-def complete_entities(interactions: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame
-                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Give every item and user that accepted interactions mention a row (nulls where unknown) and
-    fill a missing ``created_at`` with the item's first interaction."""
-    missing_items = pd.Index(interactions[ITEM_ID].unique()).difference(pd.Index(items[ITEM_ID]))
-    if len(missing_items):
-        extra = normalise_items(pd.DataFrame({ITEM_ID: list(missing_items), "category": UNKNOWN_CATEGORY}))
-        items = pd.concat([items, extra], ignore_index=True)
-    first_seen = interactions.groupby(ITEM_ID)[TIMESTAMP].min()
-    items = items.copy()
-    items["created_at"] = items["created_at"].fillna(items[ITEM_ID].map(first_seen)).astype("datetime64[ns, UTC]")
-    missing_users = pd.Index(interactions[USER_ID].unique()).difference(pd.Index(users[USER_ID]))
-    if len(missing_users):
-        users = pd.concat([users, normalise_users(pd.DataFrame({USER_ID: list(missing_users)}))], ignore_index=True)
-    return items.reset_index(drop=True), users.reset_index(drop=True)
-
-
 def _split_rows(df: pd.DataFrame, reasons: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
     helper = [c for c in df.columns if c.startswith("_") and c != ROW_ID]
     bad = df[ROW_ID].isin(reasons.index)
@@ -288,7 +292,10 @@ def validate_tables(
     tables: ContractTables, config: ValidationConfig, docs_dir: Path | None = None,
     now: datetime | None = None,
 ) -> ValidationOutcome:
-    """Validate the three tables, split each into accepted and quarantined rows, report."""
+    """Validate the three tables, split each into accepted and quarantined rows, report.
+
+    GX writes its own Data Docs to ``docs_dir`` when given. An empty users table counts as none:
+    then every user is a stub by design and ``max_stub_share`` does not apply to users."""
     as_of = resolve_as_of(tables.interactions[TIMESTAMP], config.as_of, config.horizon_days, now)
     parameters = {
         "as_of_epoch": as_of.future_anchor.timestamp(),
@@ -309,37 +316,32 @@ def validate_tables(
         table_report[t] = {"input": n_in, "accepted": n_ok, "quarantined": n_bad,
                            "reasons": {str(k): int(v) for k, v in counts.items()}}
     items, users = complete_entities(accepted["interactions"], accepted["items"], accepted["users"])
+    # Stub rows come on top of the accepted input rows of items/users; their counts live in "stubs".
+    stubs = stub_report(accepted, config.max_stub_share, users_given=len(tables.users) > 0)
+    log_stubs(stubs)
     n_input = table_report["interactions"]["input"]
     quality = table_report["interactions"]["accepted"] / n_input if n_input else 0.0
-    report = {
+    report: dict[str, Any] = {
         "as_of": as_of.to_dict(),
         "parameters": parameters,
         "tables": table_report,
         "entities_added": {"items": len(items) - len(accepted["items"]), "users": len(users) - len(accepted["users"])},
+        "stubs": stubs,
         "quality_rate": quality,
         "quality_threshold": config.quality_threshold,
-        "passed": quality >= config.quality_threshold,
+        "reason_details": reason_details(frames["interactions"], results["interactions"], as_of.horizon_anchor,
+                                         config.horizon_days),
         "spikes": detect_spikes(accepted["interactions"][TIMESTAMP], config.spike_sigma, config.spike_window_days),
         "expectations": [{k: v for k, v in r.items() if k != "row_ids"} for t in TABLES for r in results[t]],
     }
+    failed = gate_failures(report)
+    report["passed"] = not failed
+    report["gate"] = {"passed": not failed, "failed": failed, "message": None}
     for spike in report["spikes"]:
         log.warning("volume spike on %s: %d events, trailing %d-day mean %.1f (threshold %.1f); reported, "
                     "not quarantined", spike["day"], spike["events"], config.spike_window_days,
                     spike["trailing_mean"], spike["threshold"])
     return ValidationOutcome(ContractTables(accepted["interactions"], items, users), quarantine, report)
-
-
-def gate_message(report: dict[str, Any], quarantine_dir: str, docs: str | None) -> str:
-    """A failed gate's message: the rate, the threshold, the top reasons and where to look."""
-    t = report["tables"]["interactions"]
-    top = sorted(t["reasons"].items(), key=lambda kv: -kv[1])[:5]
-    reasons = ", ".join(f"{k}: {v:,}" for k, v in top) or "none"
-    return (
-        f"Data quality gate failed: {t['accepted']:,} of {t['input']:,} interactions accepted "
-        f"({report['quality_rate']:.1%}), below the threshold {report['quality_threshold']:.1%}. "
-        f"Top reasons: {reasons}. Quarantined rows: {quarantine_dir}; Data Docs: {docs}. "
-        "Fix the source data, or lower quality_threshold if this share of bad rows is expected."
-    )
 
 
 class ValidationResult(TypedDict):
@@ -358,25 +360,33 @@ class ValidationResult(TypedDict):
 def validate_contract_dir(
     input_dir: str | Path, out_dir: str | Path, config: ValidationConfig, now: datetime | None = None
 ) -> ValidationResult:
-    """The ``validate`` stage: read a contract dir, write accepted/, quarantine/, report.json and
-    Data Docs under ``out_dir``; raise :class:`DataQualityError` below the quality threshold."""
+    """The ``validate`` stage: read a contract dir, write accepted/, quarantine/, report.json and the
+    results page ``data_docs/index.html`` (GX's own Data Docs in ``data_docs/gx/``) under ``out_dir``;
+    raise :class:`DataQualityError` when the gate fails, after writing them all."""
     out = Path(out_dir)
     docs_dir = out / "data_docs"
-    outcome = validate_tables(read_contract_dir(input_dir), config, docs_dir=docs_dir, now=now)
+    gx_dir = docs_dir / "gx"
+    shutil.rmtree(gx_dir, ignore_errors=True)  # a re-run replaces GX's pages instead of adding to them
+    outcome = validate_tables(read_contract_dir(input_dir), config, docs_dir=gx_dir, now=now)
     accepted = write_contract_dir(outcome.accepted, out / "accepted")
     qdir = out / "quarantine"
     qdir.mkdir(parents=True, exist_ok=True)
     for t, df in outcome.quarantine.items():
         df.to_parquet(qdir / f"{t}.parquet", index=False)
-    docs_index = docs_dir / "index.html"
-    report = {**outcome.report, "outputs": {"accepted_dir": str(out / "accepted"), "quarantine_dir": str(qdir),
-                                            "data_docs": str(docs_index) if docs_index.exists() else None}}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    t = report["tables"]["interactions"]
-    log.info("validated %s: %d input = %d accepted + %d quarantined (quality %.2f%%); reasons %s",
-             input_dir, t["input"], t["accepted"], t["quarantined"], 100 * report["quality_rate"], t["reasons"])
+    page, gx_index = docs_dir / "index.html", gx_dir / "index.html"
+    report = {**outcome.report, "input_dir": str(input_dir),
+              "outputs": {"accepted_dir": str(out / "accepted"), "quarantine_dir": str(qdir),
+                          "report": str(out / "report.json"), "data_docs": str(page),
+                          "gx_data_docs": str(gx_index) if gx_index.exists() else None}}
     if not report["passed"]:
-        raise DataQualityError(gate_message(report, str(qdir), report["outputs"]["data_docs"]))
+        report["gate"]["message"] = gate_message(report, str(qdir), str(page))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_quality_page(report, page)
+    t = report["tables"]["interactions"]
+    log.info("validated %s: %d input = %d accepted + %d quarantined (quality %.2f%%); reasons %s; results page %s",
+             input_dir, t["input"], t["accepted"], t["quarantined"], 100 * report["quality_rate"], t["reasons"], page)
+    if not report["passed"]:
+        raise DataQualityError(report["gate"]["message"])
     return ValidationResult(
         accepted_dir=str(out / "accepted"),
         accepted=accepted,

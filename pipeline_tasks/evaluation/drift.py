@@ -4,7 +4,9 @@ The reference is the training window until a champion model exists, then the cha
 data: the caller passes it in (a frame, or a parquet path for :func:`drift_check_split`). Both
 windows are turned into the same rows of monitored features (:data:`FEATURES`); Evidently's
 ``ValueDrift(method="psi")`` scores every feature, through its ``DataDriftPreset``, which also
-renders the offline HTML report. A feature is flagged when its PSI is above the threshold.
+renders the offline HTML report. A feature is flagged when its PSI is above the threshold; the
+saved report gets a banner saying so (:mod:`pipeline_tasks.evaluation.drift_html`), as Evidently's
+own headline shows the preset's drift share, which reads like a threshold.
 
 Features are derived from the full windows and only then sampled down to ``max_rows``, so that
 counts (item popularity, user activity) do not depend on the sample size. Rows of another grain
@@ -29,6 +31,7 @@ import pandas as pd
 from pipeline_tasks.core import constants
 from pipeline_tasks.core.errors import InvalidParamsError, PermanentError
 from pipeline_tasks.data.contract import normalise_interactions, normalise_items
+from pipeline_tasks.evaluation.drift_html import annotate_report_html
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +293,7 @@ def drift_check(
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / REPORT_HTML, out / REPORT_JSON
     run.save_html(str(html_path))
+    annotate_report_html(html_path, psi, flagged, config.threshold, any_column)
     summary = {
         "features": {
             c: {"psi": psi[c], "flagged": c in flagged, "kind": kinds[c], "metric_id": metric_ids[c]}
@@ -297,6 +301,7 @@ def drift_check(
         },
         "flagged": flagged,
         "threshold": config.threshold,
+        "dataset_drift_share": any_column,  # Evidently's headline: the share of features that must drift (1 of n)
         "reference_rows": len(reference),
         "current_rows": len(current),
         "mode": config.mode,

@@ -41,10 +41,11 @@ class RetrievalConfig:
     content_method: str = "auto"  # auto | minilm | hashed
     n_boot: int = 1000
     seed: int = SEED
-    # Wall-clock seconds for each model's grid on the validation window: training time grows with the
-    # data, so on large data fewer configs (the first ones, the best-known defaults) and epochs fit.
-    # The refit then trains the chosen config for its best epoch count. None: no limit.
-    grid_budget_s: float | None = 300.0
+    # Wall-clock seconds for each model's grid on the validation window, and again for its refit:
+    # training time grows with the data, so on large data fewer configs (the first ones, the best-known
+    # defaults) and epochs fit, and the stage stays within about 4x this (two models, grid + refit).
+    # Small data (ml-100k: ~6 s an epoch) trains its first configs in full. None: no limit.
+    grid_budget_s: float | None = 120.0
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any] | None) -> RetrievalConfig:
@@ -53,6 +54,10 @@ class RetrievalConfig:
         if unknown:
             raise InvalidParamsError(f"unknown two_tower params {sorted(unknown)}; "
                                      f"known: {sorted(cls.__dataclass_fields__)}")
+        unknown_base = set(p.get("base") or {}) - set(TwoTowerConfig.__dataclass_fields__)
+        if unknown_base:
+            raise InvalidParamsError(f"unknown two_tower.base hyper-parameters {sorted(unknown_base)}; "
+                                     f"known: {sorted(TwoTowerConfig.__dataclass_fields__)}")
         return cls(**p)
 
 
@@ -162,12 +167,15 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
         best = max(range(len(trials)), key=lambda i: trials[i]["val_recall"])
         chosen = configs[best]
         t1 = time.perf_counter()
-        refit = fit(trainval_ex, items, users, content, method, chosen, epochs=trials[best]["best_epoch"])
+        refit_deadline = time.monotonic() + config.grid_budget_s if config.grid_budget_s is not None else None
+        refit = fit(trainval_ex, items, users, content, method, chosen, epochs=trials[best]["best_epoch"],
+                    deadline=refit_deadline)
         refit_seconds = time.perf_counter() - t1
         recs = recommend(refit, test_window, users, max(EVAL_KS))
         metrics = evaluate(recs, test_truth, len(items), ks=EVAL_KS, n_boot=config.n_boot, seed=config.seed)
         results["models"][name] = {"chosen": chosen.to_dict(), "trials": trials, "skipped": skipped, "test": metrics,
-                                   "refit_seconds": round(refit_seconds, 2),
+                                   "refit_seconds": round(refit_seconds, 2), "refit_epochs": refit.info["epochs"],
+                                   "refit_stopped_by_budget": refit.info["stopped_by_budget"],
                                    "seconds_per_epoch": refit.info["seconds_per_epoch"]}
         models[name] = refit
         log.info("%s on test: recall@100 %.4f, recall@500 %.4f (chosen %s)", name, metrics["recall@100"],

@@ -24,6 +24,7 @@ class RunConfig(TypedDict):
     t_val: str | None
     t_test: str | None
     quality_threshold: float
+    max_stub_share: float
     horizon_days: int
     bot_events_per_day: int
     event_types: list[str]
@@ -35,14 +36,20 @@ class RunConfig(TypedDict):
 
 
 def resolve_config(params: dict[str, Any] | None) -> RunConfig:
-    """Defaults, then settings (environment), then the run's own params; unknown params are refused."""
+    """Defaults, then settings (environment), then the run's own params; unknown params are refused.
+
+    Every stage's settings are built from the result once here (the same code the stages run), and a
+    contract-directory or synthetic source is checked (headers and first rows), so bad params or a bad
+    source fail the run at its start (:class:`PermanentError`, no retry), not an hour into it.
+    """
     unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
     if unknown:
         raise InvalidParamsError(f"unknown run params {unknown}; known: {sorted(DEFAULT_PARAMS)}")
     settings = load_settings()
     merged = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
     for key, value in (("quality_threshold", settings.quality_threshold), ("horizon_days", settings.horizon_days),
-                       ("bot_events_per_day", settings.bot_events_per_day)):
+                       ("bot_events_per_day", settings.bot_events_per_day),
+                       ("max_stub_share", settings.max_stub_share)):
         if merged.get(key) is None:
             merged[key] = value
     merged["event_types"] = list(settings.event_types)
@@ -50,7 +57,14 @@ def resolve_config(params: dict[str, Any] | None) -> RunConfig:
                                            else None)
     if merged["drift_mode"] not in ("warn", "fail"):
         raise InvalidParamsError(f"drift_mode={merged['drift_mode']!r}: use 'warn' or 'fail'")
-    return RunConfig(**merged)  # type: ignore[typeddict-item]
+    config = RunConfig(**merged)  # type: ignore[typeddict-item]
+    from pipeline_tasks.stages.run_params import check_stage_configs  # it builds configs with this module
+
+    check_stage_configs(config)
+    from pipeline_tasks.data.source_check import check_source
+
+    check_source(config["source"], config["synthetic"])
+    return config
 
 
 def run_config(run_id: str) -> RunConfig:
@@ -87,6 +101,7 @@ def validation_config(config: RunConfig) -> ValidationConfig:
         bot_events_per_day=int(config["bot_events_per_day"]),
         event_types=tuple(config["event_types"]),
         quality_threshold=float(config["quality_threshold"]),
+        max_stub_share=float(config["max_stub_share"]),
     )
 
 

@@ -100,11 +100,18 @@ def test_item_refresh_dag(dagbag):
 
 
 def test_params_have_descriptions(dagbag):
+    """The DAG's params are exactly the run params the pipeline resolves (DEFAULT_PARAMS), each documented."""
+    from pipeline_tasks.core.constants import DEFAULT_PARAMS
+
     params = dagbag.dags["recsys_training"].params
-    for key in ("source", "synthetic", "as_of", "t_val", "t_test", "quality_threshold", "drift_mode",
-                "drift_threshold", "two_tower", "index"):
-        assert key in params, key
+    assert set(params) == set(DEFAULT_PARAMS)
+    assert {"source", "synthetic", "as_of", "t_val", "t_test", "quality_threshold", "max_stub_share", "horizon_days",
+            "bot_events_per_day", "drift_mode", "drift_threshold", "two_tower", "index"} <= set(params)
+    for key in params:
         assert params.get_param(key).description, f"param {key} needs a description"
+    # the gate's stub limit is a share: the UI refuses values outside [0, 1], null means the default
+    schema = params.get_param("max_stub_share").schema
+    assert schema["minimum"] == 0 and schema["maximum"] == 1 and "null" in schema["type"]
 
 
 @pytest.mark.parametrize("dag_file", sorted(p.name for p in DAGS.glob("*.py")))  # recsys_common.py too

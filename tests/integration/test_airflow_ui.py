@@ -1,5 +1,5 @@
 """`recsys ui` starts `airflow standalone` on the same AIRFLOW_HOME as `recsys run`: the DAG, its
-graph and the runs made by `recsys run` are served by its API (what the UI shows)."""
+graph, the runs made by `recsys run` and their task logs are served by its API (what the UI shows)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -57,6 +58,13 @@ def test_ui_shows_the_dag_and_its_runs(ml100k_run):
         assert graph["ingest"] == {"validate"} and graph["validate"] >= {"split"}
         page = _get(f"{base}/dags/recsys_training")
         assert page is not None and page.status_code == 200 and "<html" in page.text.lower()
+        # The run's task logs: `recsys run` (airflow dags test) writes them where the API server reads them.
+        logs = _get(f"{base}/api/v2/dags/recsys_training/dagRuns/{quote(run.run_id, safe='')}/taskInstances/"
+                    "validate/logs/1")
+        assert logs is not None and logs.status_code == 200, logs and logs.text[:500]
+        events = [e.get("event", "") for e in logs.json()["content"]]
+        assert any(e.startswith("validated ") for e in events), events[:20]  # the validate task's own line
+        assert not any("Log file not found" in e for e in events)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -103,9 +104,25 @@ def test_json_numbers_agree_with_the_html_report(stage: dict[str, Any]):
     counters = [c for w in widgets({"widgets": dashboard(stage["html"])["widgets"]})
                 for c in (w.get("params") or {}).get("counters", [])]
     assert {"label": "Drifted Columns", "value": str(len(report["flagged"]))} in counters
-    # The headline says "detected" as soon as one feature is flagged, like the check itself.
+    # The headline says "detected" as soon as one feature is flagged, like the check itself, and labels
+    # Evidently's drift share as the share of features, not as a threshold.
     headline = next(c["label"] for c in counters if c["value"] == "Dataset Drift")
-    assert headline.startswith("Dataset Drift is detected"), headline
+    n = len(report["features"])
+    assert headline.startswith(f"Dataset Drift is detected: {len(report['flagged'])} of {n} features have PSI "
+                               f"above {report['threshold']}."), headline
+    assert "detection threshold is" not in stage["html"]
+
+
+def test_html_report_opens_with_the_per_feature_psi_verdict(stage: dict[str, Any]):
+    """The banner at the top of the page agrees with the JSON report: threshold, counts, PSI."""
+    report = stage["report"]
+    match = re.search(r'<body[^>]*>\s*<div id="recsys-drift-banner"[^>]*><strong>(.*?)</strong>', stage["html"])
+    assert match, "no drift banner at the top of the report's body"
+    assert match.start() > stage["html"].index("</head>")  # in the page, not inside the head's inline JS
+    listing = ", ".join(f"{c} (PSI {report['features'][c]['psi']:.3f})" for c in report["flagged"])
+    assert html.unescape(match.group(1)) == (f"Per-feature PSI threshold {report['threshold']}: "
+                                             f"{len(report['flagged'])} of {len(report['features'])} features "
+                                             f"drifted: {listing}.")
 
 
 def test_reference_path_overrides_the_train_window(stage_dirs: dict[str, Path]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -73,3 +75,188 @@ def test_generate_bad_config_is_a_clear_error(tmp_path):
     res = runner.invoke(app, ["generate", str(tmp_path / "src"), "--days", "10", "--faults", "all"])
     assert res.exit_code == 2
     assert "spike needs more than 28 days" in res.output
+
+
+# --- `recsys run` checks its params and source before Airflow starts --------------------------------------
+
+@pytest.fixture
+def no_airflow(monkeypatch, tmp_path):
+    """An empty RECSYS_HOME, and `recsys run` may not reach `airflow dags test` (fail the test if it does)."""
+    import pipeline_tasks.cli as cli
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RECSYS_HOME", str(home))
+    monkeypatch.delenv("AIRFLOW_HOME", raising=False)
+
+    def dags_test(*args, **kwargs):
+        raise AssertionError("Airflow was started for a run that should have been refused")
+
+    monkeypatch.setattr(cli, "_dags_test", dags_test)
+    return home
+
+
+def _bad_source(tmp_path, case: str):
+    """A source with one thing wrong; returns (path given to --data, text the message must contain)."""
+    d = tmp_path / case
+    items = "item_id,title\n1,a\n"
+    if case == "nonexistent":
+        return d, "no such directory"
+    d.mkdir()
+    if case == "empty_dir":
+        return d, "missing interactions.parquet (or .csv) and items.parquet (or .csv)"
+    (d / "items.csv").write_text(items)
+    if case == "missing_event_type":
+        (d / "interactions.csv").write_text("user_id,item_id,timestamp\n1,1,2025-01-01T00:00:00+00:00\n")
+        return d / "interactions.csv", "missing required column(s) event_type"
+    if case == "garbage_bytes":
+        (d / "interactions.csv").write_bytes(bytes(range(128, 256)) * 40)
+        return d / "interactions.csv", "not UTF-8 text"
+    (d / "interactions.csv").write_bytes(b"")  # zero_bytes
+    return d / "interactions.csv", "the file is empty (0 bytes)"
+
+
+BAD_SOURCES = ["nonexistent", "empty_dir", "missing_event_type", "garbage_bytes", "zero_bytes"]
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES)
+def test_run_refuses_a_bad_source_at_once_in_one_line(no_airflow, tmp_path, case):
+    import time
+
+    named, problem = _bad_source(tmp_path, case)
+    source = tmp_path / case
+    started = time.monotonic()
+    res = runner.invoke(app, ["run", "--data", str(source)])
+    assert time.monotonic() - started < 10
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert str(named) in lines[0] and problem in lines[0]
+    assert "Traceback" not in res.output and "unknown data source" not in res.output
+    assert not (no_airflow / "airflow").exists(), "the Airflow home was touched"
+
+
+@pytest.mark.parametrize("case", BAD_SOURCES)
+def test_validate_refuses_a_bad_source_in_one_line(tmp_path, case):
+    named, problem = _bad_source(tmp_path, case)
+    res = runner.invoke(app, ["validate", str(tmp_path / case), str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [res.output.strip()] and res.output.startswith("error: ")
+    assert str(named) in res.output and problem in res.output
+
+
+def test_a_bad_source_fails_the_dags_ingest_without_retry(tmp_path, monkeypatch):
+    """The DAG's ingest resolves its config first: a bad source is a PermanentError there (no retry)."""
+    from pipeline_tasks.core.errors import PermanentError
+    from pipeline_tasks.stages.common import resolve_config
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    for case in BAD_SOURCES:
+        named, problem = _bad_source(tmp_path, case)
+        with pytest.raises(PermanentError, match=re.escape(problem)) as err:
+            resolve_config({"source": str(tmp_path / case)})
+        assert str(named) in str(err.value)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--drift-mode", "banana"], "drift_mode='banana': use 'warn' or 'fail'"),
+    (["--two-tower", '{"max_epochs": 3}'], "unknown two_tower params ['max_epochs']"),
+    (["--two-tower", '{"grid": [{"lrr": 0.1}]}'], "unknown two-tower hyper-parameters ['lrr']"),
+    (["--index", '{"kindd": "hnsw"}'], "unknown index params ['kindd']"),
+    (["--index", '{"kind": "annoy"}'], "IndexConfig.kind='annoy'"),
+    (["--drift-threshold", "-1"], "DriftConfig.threshold=-1.0"),
+    (["--max-stub-share", "2"], "max_stub_share=2.0"),
+    (["--as-of", "yesterday"], "as_of='yesterday' is not an ISO-8601 moment"),
+    (["--t-val", "2025-03-01"], "give both t_val and t_test"),
+    (["--days", "10", "--faults", "all"], "spike needs more than 28 days"),
+])
+def test_run_refuses_invalid_params_before_a_run(no_airflow, args, message):
+    res = runner.invoke(app, ["run", *args])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [f"error: {res.output.strip().removeprefix('error: ')}"]
+    assert message in res.output
+    assert "Traceback" not in res.output and "manifest" not in res.output
+
+
+# The `recsys run` option of each DAG param (and the value it must arrive with in the run's conf).
+PARAM_OPTIONS = {
+    "source": (["--data", "synthetic"], "synthetic"),
+    "synthetic": (["--events", "3000", "--users", "40", "--items", "60", "--days", "40", "--faults", "none",
+                   "--seed", "3"],
+                  {"n_users": 40, "n_items": 60, "n_days": 40, "n_events": 3000, "faults": "none", "seed": 3}),
+    "as_of": (["--as-of", "2025-03-01T00:00:00+00:00"], "2025-03-01T00:00:00+00:00"),
+    "t_val": (["--t-val", "2025-02-01"], "2025-02-01"),
+    "t_test": (["--t-test", "2025-02-15"], "2025-02-15"),
+    "quality_threshold": (["--quality-threshold", "0.9"], 0.9),
+    "max_stub_share": (["--max-stub-share", "0.2"], 0.2),
+    "horizon_days": (["--horizon-days", "900"], 900),
+    "bot_events_per_day": (["--bot-events-per-day", "500"], 500),
+    "drift_mode": (["--drift-mode", "fail"], "fail"),
+    "drift_threshold": (["--drift-threshold", "0.3"], 0.3),
+    "two_tower": (["--two-tower", '{"n_boot": 10}'], {"n_boot": 10}),
+    "index": (["--index", '{"kind": "flat"}'], {"kind": "flat"}),
+}
+
+
+def test_run_has_an_option_for_every_dag_param(monkeypatch, tmp_path):
+    import pipeline_tasks.cli as cli
+    from pipeline_tasks.core.constants import DEFAULT_PARAMS
+
+    assert set(PARAM_OPTIONS) == set(DEFAULT_PARAMS), "a DAG param has no `recsys run` option (or one was removed)"
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    seen = {}
+
+    def dags_test(dag_id, conf, extra, settings, full_log, verbose):
+        seen.update(conf)
+        return 0, None, []
+
+    monkeypatch.setattr(cli, "_dags_test", dags_test)
+    args = [a for opts, _ in PARAM_OPTIONS.values() for a in opts]
+    res = runner.invoke(app, ["run", *args])
+    assert res.exit_code == 0, res.output
+    assert seen == {key: value for key, (_, value) in PARAM_OPTIONS.items()}
+
+
+def test_max_stub_share_reaches_the_validate_stage(monkeypatch, tmp_path):
+    """Param, then RECSYS_MAX_STUB_SHARE, then the default, into the ValidationConfig the validate task uses."""
+    from pipeline_tasks.core.constants import DEFAULT_MAX_STUB_SHARE
+    from pipeline_tasks.stages.common import resolve_config, validation_config
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    monkeypatch.delenv("RECSYS_MAX_STUB_SHARE", raising=False)
+    assert validation_config(resolve_config({})).max_stub_share == DEFAULT_MAX_STUB_SHARE
+    monkeypatch.setenv("RECSYS_MAX_STUB_SHARE", "0.3")
+    assert validation_config(resolve_config({})).max_stub_share == 0.3
+    assert validation_config(resolve_config({"max_stub_share": 0.1})).max_stub_share == 0.1
+
+
+# --- relative paths -----------------------------------------------------------------------------------------
+
+def test_every_path_argument_accepts_relative_paths(monkeypatch, tmp_path):
+    """As the README's walk-through types them: `recsys validate DIR OUT` etc. from the current directory."""
+    import pipeline_tasks.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RECSYS_HOME", "home")
+    res = runner.invoke(app, ["generate", "src", "--users", "40", "--items", "60", "--days", "40",
+                              "--events", "2000"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["validate", "src", "val"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "val" / "report.json").exists() and (tmp_path / "val" / "data_docs" / "index.html").exists()
+    res = runner.invoke(app, ["split", "val/accepted", "split"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "split" / "split.json").exists()
+    # `run --data DIR`, `run --data movielens:DIR` and `refresh --source DIR` hand Airflow absolute paths
+    confs = []
+    monkeypatch.setattr(cli, "_dags_test", lambda dag_id, conf, *a: (confs.append(conf), (0, None, []))[1])
+    assert runner.invoke(app, ["run", "--data", "src"]).exit_code == 0
+    assert runner.invoke(app, ["refresh", "--source", "src"]).exit_code == 0
+    assert confs[0]["source"] == confs[1]["source"] == str(tmp_path / "src")
+    ml = tmp_path / "ml"
+    ml.mkdir()
+    for name in ("u.item", "u.genre", "u.user"):
+        (ml / name).write_text("")
+    (ml / "u.data").write_text("1\t2\t5\t881250949\n")
+    res = runner.invoke(app, ["run", "--data", "movielens:ml"])
+    assert res.exit_code == 0, res.output
+    assert confs[2]["source"] == f"movielens:{ml}"

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import replace
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -227,9 +230,15 @@ def test_fail_mode_raises_after_writing_the_report(event_mix_fail: tuple[DriftEr
     assert (out_dir / "drift_report.html").stat().st_size > 100_000
 
 
-def test_clean_newest_window_is_not_flagged(base: Windows, tmp_path: Path):
+@pytest.fixture(scope="module")
+def clean(base: Windows, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     """The training DAG's own case: the newest window of unshifted data against the train window."""
-    out, report = run(base, base.current, tmp_path)
+    return run(base, base.current, tmp_path_factory.mktemp("clean"))
+
+
+def test_clean_newest_window_is_not_flagged(base: Windows, clean: tuple[dict, dict]):
+    """The training DAG's own case: the newest window of unshifted data against the train window."""
+    out, report = clean
     assert out["flagged"] == [], psi_table(report)
     assert set(report["features"]) == set(FEATURES)
     assert report["reference_rows"] == len(base.reference) and report["current_rows"] == len(base.current)
@@ -249,3 +258,52 @@ def test_resample_with_another_seed_is_not_flagged(tmp_path: Path):
     out, report = run(windows, windows.current, tmp_path)
     assert out["flagged"] == [], psi_table(report)
     assert max(out["psi"].values()) <= THRESHOLD, psi_table(report)
+
+
+# --- the saved HTML report states the per-feature PSI threshold ------------------------------------
+
+def banner(html: str) -> str:
+    """The text of the banner the drift check puts right after ``<body>`` of Evidently's report."""
+    match = re.search(r'<body[^>]*>\s*<div id="recsys-drift-banner"[^>]*>(.*?)</div></div>', html, flags=re.S)
+    assert match, "no drift banner at the top of the report's body"
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", match.group(1))).split())
+
+
+def counters(node: object) -> Iterator[dict]:
+    """Every counter of Evidently's embedded dashboard data, depth first."""
+    if isinstance(node, dict):
+        yield from node.get("counters", []) if isinstance(node.get("counters"), list) else []
+        for value in node.values():
+            yield from counters(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from counters(value)
+
+
+def headline(html: str) -> str:
+    """The label of Evidently's "Dataset Drift" headline counter."""
+    match = re.search(r"var metric_[0-9a-f]+ = (\{.*?\});\n", html)
+    assert match, "no embedded dashboard data in the HTML report"
+    return next(c["label"] for c in counters(json.loads(match.group(1))) if c["value"] == "Dataset Drift")
+
+
+def test_report_states_the_per_feature_threshold_and_the_drifted_feature(event_mix_fail: tuple[DriftError, Path]):
+    _, out_dir = event_mix_fail
+    html = (out_dir / "drift_report.html").read_text(encoding="utf-8")
+    report = json.loads((out_dir / "drift_report.json").read_text())
+    n, psi = len(report["features"]), report["features"]["event_type"]["psi"]
+    assert banner(html).startswith(f"Per-feature PSI threshold {THRESHOLD}: 1 of {n} features drifted: "
+                                   f"event_type (PSI {psi:.3f}).")
+    # Evidently's headline: the share of features that must drift, labelled as such, not as a threshold.
+    label = headline(html)
+    assert label.startswith(f"Dataset Drift is detected: 1 of {n} features have PSI above {THRESHOLD}."), label
+    assert f"drifted-column share {report['dataset_drift_share']}, i.e. 1 of {n}" in label
+    assert "detection threshold is" not in html
+
+
+def test_report_of_a_clean_window_says_none_drifted(clean: tuple[dict, dict]):
+    out, report = clean
+    html = Path(out["report_html"]).read_text(encoding="utf-8")
+    n = len(report["features"])
+    assert banner(html).startswith(f"Per-feature PSI threshold {THRESHOLD}: 0 of {n} features drifted.")
+    assert headline(html).startswith(f"Dataset Drift is NOT detected: 0 of {n} features have PSI above {THRESHOLD}")

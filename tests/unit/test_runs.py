@@ -92,14 +92,14 @@ def test_snapshot_hash_depends_on_content_only(tmp_path):
     assert snapshot_hash(tmp_path / "a") != snapshot_hash(tmp_path / "c")
 
 
-def test_run_config_is_resolved_once_and_read_back_from_the_manifest(tmp_path, monkeypatch):
+def test_run_config_is_resolved_once_and_read_back_from_the_manifest(tmp_path, monkeypatch, ml100k):
     """Later tasks read the config the run started with, even if the environment changed since."""
     from pipeline_tasks.core.runs import start_run
     from pipeline_tasks.stages.common import resolve_config, run_config, validation_config
 
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
     monkeypatch.setenv("RECSYS_QUALITY_THRESHOLD", "0.8")
-    config = resolve_config({"source": "movielens:/data/ml", "horizon_days": 9000, "two_tower": None})
+    config = resolve_config({"source": f"movielens:{ml100k}", "horizon_days": 9000, "two_tower": None})
     assert config["quality_threshold"] == 0.8 and config["horizon_days"] == 9000  # settings, then params
     assert config["two_tower"] == {} and config["drift_mode"] == "warn"  # defaults where params are null
     start_run("manual__cfg", config=dict(config))

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from pipeline_tasks.core.constants import DEFAULT_MAX_STUB_SHARE
+from pipeline_tasks.core.errors import InvalidParamsError, PermanentError
 from pipeline_tasks.data.contract import ContractTables, normalise_interactions, normalise_items, normalise_users
+from pipeline_tasks.data.quality_gate import gate_message
 from pipeline_tasks.data.validate import (
     DataQualityError,
     ValidationConfig,
@@ -211,6 +217,11 @@ def test_entities_mentioned_by_interactions_get_rows_and_created_at():
     assert items.loc["i3", "created_at"] == pd.Timestamp(BASE + pd.Timedelta(hours=3))
     assert set(out.accepted.users["user_id"]) == {"u0", "u1", "u2", "u3"}
     assert out.report["entities_added"] == {"items": 3, "users": 4}
+    # Stubbed rows are counted, never hidden: 3 of 4 interactions name an item the table lacks.
+    assert out.report["stubs"]["items"] == {"stubbed": 3, "interactions": 3, "share": 0.75,
+                                            "first_ids": ["i1", "i2", "i3"], "limit_applies": True,
+                                            "passed": False}
+    assert out.report["gate"]["failed"] == ["stubbed_items"]
 
 
 def test_every_input_row_is_accepted_or_quarantined():
@@ -238,6 +249,8 @@ def test_gate_fails_below_threshold_naming_top_reasons(tmp_path):
     msg = str(err.value)
     assert "15 of 20 interactions accepted (75.0%)" in msg
     assert "unknown_event_type: 4" in msg and "invalid_user_id: 1" in msg
+    # The top reason's fix: the event types setting, naming the unknown value.
+    assert "add them to the event types (env `RECSYS_EVENT_TYPES`" in msg and "If hover are real" in msg
     # The evidence is written before the gate fails.
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["passed"] is False
@@ -251,7 +264,8 @@ def test_validate_contract_dir_writes_a_complete_contract_dir(tmp_path):
     src.mkdir()
     pd.DataFrame(rows(10)).to_parquet(src / "interactions.parquet")
     pd.DataFrame({"item_id": ["i0"]}).to_parquet(src / "items.parquet")
-    out = validate_contract_dir(src, tmp_path / "out", ValidationConfig(), now=NOW)
+    # 9 of 10 interactions name an item the table lacks: allowed here by turning the stub limit off.
+    out = validate_contract_dir(src, tmp_path / "out", ValidationConfig(max_stub_share=1.0), now=NOW)
     acc = tmp_path / "out" / "accepted"
     assert {p.name for p in acc.iterdir()} == {"interactions.parquet", "items.parquet", "users.parquet"}
     inter = pd.read_parquet(acc / "interactions.parquet")
@@ -261,3 +275,170 @@ def test_validate_contract_dir_writes_a_complete_contract_dir(tmp_path):
     assert out["counts"]["interactions"] == {"input": 10, "accepted": 10, "quarantined": 0}
     docs = (tmp_path / "out" / "data_docs" / "index.html").read_text()
     assert "interactions" in docs
+    assert out["data_docs"] == str(tmp_path / "out" / "data_docs" / "index.html")
+    assert (tmp_path / "out" / "data_docs" / "gx" / "index.html").exists()  # GX's own docs, beside the page
+
+
+# --- interactions naming items or users that their table lacks (stubs) ---------------------------
+
+def write_source(root: Path, data: list[dict], items: list[str], users: list[str] | None = None) -> Path:
+    """A contract directory as CSV (no users file when ``users`` is None)."""
+    src = root / "src"
+    src.mkdir(parents=True)
+    pd.DataFrame(data).to_csv(src / "interactions.csv", index=False)
+    pd.DataFrame({"item_id": items}).to_csv(src / "items.csv", index=False)
+    if users is not None:
+        pd.DataFrame({"user_id": users}).to_csv(src / "users.csv", index=False)
+    return src
+
+
+def test_unknown_items_are_accepted_counted_and_logged(caplog):
+    data = rows(30)  # items i0..i29; the table has i0..i19
+    with caplog.at_level(logging.WARNING):
+        out = run(tables(data, items=[{"item_id": f"i{i}"} for i in range(20)]), max_stub_share=0.5)
+    t = out.report["tables"]
+    assert t["interactions"]["input"] == t["interactions"]["accepted"] == 30  # accepted, not quarantined
+    assert t["interactions"]["quarantined"] == 0
+    assert t["items"]["input"] == t["items"]["accepted"] == 20  # the 10 stub rows come on top
+    assert out.report["stubs"]["users"]["interactions"] == 0
+    stubs = out.report["stubs"]["items"]
+    assert stubs["stubbed"] == 10 and stubs["interactions"] == 10
+    assert stubs["share"] == pytest.approx(1 / 3)
+    assert stubs["first_ids"] == ["i20", "i21", "i22", "i23", "i24"]
+    assert stubs["passed"] and out.report["passed"]
+    assert len(out.accepted.items) == 30
+    assert "10 accepted interactions (33.3%) name 10 items missing from the items table" in caplog.text
+    assert "(first: i20, i21, i22, i23, i24)" in caplog.text
+
+
+def test_stub_share_above_the_limit_fails_the_gate(tmp_path):
+    """The issue's case: 1,000 of 3,000 interactions name unknown items, every row is valid."""
+    data = [{"user_id": f"u{i % 5}", "item_id": f"i{i % 300}", "event_type": "view",
+             "timestamp": (BASE + pd.Timedelta(minutes=i)).isoformat()} for i in range(3000)]
+    src = write_source(tmp_path, data, items=[f"i{i}" for i in range(200)])  # i200..i299: 1,000 rows
+    with pytest.raises(DataQualityError) as err:
+        validate_contract_dir(src, tmp_path / "out", ValidationConfig(), now=NOW)
+    msg = str(err.value)
+    assert isinstance(err.value, PermanentError)
+    assert "1,000 of 3,000 accepted interactions (33.3%) name an item missing from the items table" in msg
+    assert "(100 items, first: 'i200', 'i201', 'i202', 'i203', 'i204')" in msg
+    assert "above max_stub_share 5.0%" in msg
+    assert "raise max_stub_share to 0.334 (DAG param `max_stub_share`, CLI `--max-stub-share`, env " \
+           "`RECSYS_MAX_STUB_SHARE`)" in msg
+    assert "quality_threshold" not in msg  # the quality gate itself passed (100 %)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["quality_rate"] == 1.0 and report["passed"] is False
+    assert report["gate"] == {"passed": False, "failed": ["stubbed_items"], "message": msg}
+    assert report["stubs"]["items"]["interactions"] == 1000 and report["stubs"]["items"]["stubbed"] == 100
+    # The no-loss invariant still holds: stubbed rows count as accepted.
+    t = report["tables"]["interactions"]
+    assert t["input"] == t["accepted"] + t["quarantined"] == 3000
+
+
+def test_suggested_max_stub_share_passes_the_gate(tmp_path):
+    data = [{"user_id": f"u{i % 5}", "item_id": f"i{i % 300}", "event_type": "view",
+             "timestamp": (BASE + pd.Timedelta(minutes=i)).isoformat()} for i in range(3000)]
+    src = write_source(tmp_path, data, items=[f"i{i}" for i in range(200)])
+    out = validate_contract_dir(src, tmp_path / "out", ValidationConfig(max_stub_share=0.334), now=NOW)
+    assert out["counts"]["interactions"]["accepted"] == 3000
+
+
+def test_stub_limit_is_strictly_above_the_share():
+    items = [{"item_id": f"i{i}"} for i in range(19)]  # rows(20) names i0..i19: i19 is unknown
+    at_limit = run(tables(rows(20), items=items))  # 1 of 20 = 5 % = the default limit
+    assert DEFAULT_MAX_STUB_SHARE == 0.05
+    assert at_limit.report["stubs"]["items"]["share"] == 0.05 and at_limit.report["passed"]
+    above = run(tables(rows(20), items=items[:18]))  # 2 of 20
+    assert not above.report["passed"] and above.report["gate"]["failed"] == ["stubbed_items"]
+
+
+def test_missing_users_table_does_not_count_but_a_given_one_does(tmp_path):
+    without = run(tables(rows(20), users=[]))
+    assert without.report["stubs"]["users"]["share"] == 1.0
+    assert not without.report["stubs"]["users"]["limit_applies"] and without.report["passed"]
+    given = run(tables(rows(20), users=[{"user_id": "u0"}]))  # u1..u4 unknown: 16 of 20 rows
+    users = given.report["stubs"]["users"]
+    assert users["limit_applies"] and users["share"] == 0.8 and users["first_ids"] == ["u1", "u2", "u3", "u4"]
+    assert given.report["gate"]["failed"] == ["stubbed_users"]
+    # Through the stage: no users file passes; a users file naming one user fails, naming the users table.
+    data = rows(20)
+    validate_contract_dir(write_source(tmp_path / "a", data, [f"i{i}" for i in range(20)]), tmp_path / "a" / "out",
+                          ValidationConfig(), now=NOW)
+    with pytest.raises(DataQualityError, match=r"16 of 20 accepted interactions \(80.0%\) name a user missing "
+                                               r"from the users table \(4 users, first: 'u1'"):
+        validate_contract_dir(write_source(tmp_path / "b", data, [f"i{i}" for i in range(20)], users=["u0"]),
+                              tmp_path / "b" / "out", ValidationConfig(), now=NOW)
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_max_stub_share_must_be_a_share(share):
+    with pytest.raises(InvalidParamsError, match="max_stub_share"):
+        ValidationConfig(max_stub_share=share)
+
+
+# --- the gate's message names the setting that addresses the top reason ---------------------------
+
+def failed_gate(data: list[dict], **cfg) -> tuple[dict, str]:
+    """The report of a run failing the quality gate, and its message."""
+    out = run(tables(data), quality_threshold=0.99, **cfg)
+    assert not out.report["passed"]
+    return out.report, gate_message(out.report, "QDIR", "DOCS")
+
+
+def test_gate_names_horizon_days_with_the_value_that_keeps_the_rows():
+    """A ratings set spanning 3 years: 91 % of its rows are older than the 730-day horizon."""
+    start = pd.Timestamp("2022-03-01T00:00:00Z")
+    data = [{"user_id": f"u{i % 5}", "item_id": f"i{i % 50}", "event_type": "view", "value": None,
+             "timestamp": (start + pd.Timedelta(days=3 * i)).isoformat()} for i in range(91)]
+    data += [{**r, "timestamp": (BASE + pd.Timedelta(days=k)).isoformat()} for k, r in enumerate(rows(9))]
+    report, msg = failed_gate(data)
+    assert report["tables"]["interactions"]["reasons"] == {"too_old_timestamp": 91}
+    anchor = pd.Timestamp(report["as_of"]["horizon_anchor"])
+    needed = math.ceil((anchor - start) / pd.Timedelta(days=1))  # the data's age span, rounded up
+    assert f"raise horizon_days from 730 to {needed} " in msg
+    assert "DAG param `horizon_days`, CLI `--horizon-days`, env `RECSYS_HORIZON_DAYS`" in msg
+    assert "lower quality_threshold" not in msg and "Traceback" not in msg
+    # The value keeps every row; one day less does not.
+    assert run(tables(data), horizon_days=needed).report["quality_rate"] == 1.0
+    assert run(tables(data), horizon_days=needed - 1).report["tables"]["interactions"]["quarantined"] == 1
+
+
+def test_gate_names_as_of_for_future_rows():
+    data = rows(20)
+    for i in range(3):
+        data[i]["timestamp"] = f"2031-01-0{i + 1}T00:00:00Z"
+    report, msg = failed_gate(data)
+    assert "set as_of to 2031-01-03T00:00:00+00:00 or later (DAG param `as_of`, CLI `--as-of`)" in msg
+    assert run(tables(data), as_of=datetime(2031, 1, 3, tzinfo=UTC), horizon_days=10_000).report[
+        "quality_rate"] == 1.0
+
+
+def test_gate_names_bot_events_per_day_with_the_busiest_day():
+    data = [{"user_id": "bot", "item_id": f"i{k}", "event_type": "view", "value": None,
+             "timestamp": (BASE + pd.Timedelta(minutes=k)).isoformat()} for k in range(12)]
+    data += rows(5)
+    report, msg = failed_gate(data, bot_events_per_day=10)
+    assert "raise bot_events_per_day from 10 to 12 (DAG param `bot_events_per_day`, CLI `--bot-events-per-day`, " \
+           "env `RECSYS_BOT_EVENTS_PER_DAY`)" in msg
+    assert run(tables(data), bot_events_per_day=12).report["quality_rate"] == 1.0
+
+
+def test_gate_names_event_types_with_the_unknown_values():
+    data = rows(20)
+    for i, e in enumerate(["share", "share", "hover"]):
+        data[i]["event_type"] = e
+    report, msg = failed_gate(data)
+    assert "If share, hover are real event types, add them to the event types (env `RECSYS_EVENT_TYPES`, now " \
+           "view,click,add_to_cart,purchase,favorite)" in msg
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [("user_id", None, "missing_user_id"),
+                                                         ("value", "abc", "unparseable_value")])
+def test_gate_without_a_setting_says_fix_the_source_or_lower_the_threshold(field, value, reason):
+    data = rows(20)
+    data[0][field] = value
+    report, msg = failed_gate(data)
+    assert f"Top reasons: {reason}: 1." in msg
+    assert "Fix the source data, or lower quality_threshold (DAG param `quality_threshold`, CLI " \
+           "`--quality-threshold`, env `RECSYS_QUALITY_THRESHOLD`)" in msg
+    assert "QDIR" in msg and "DOCS" in msg
