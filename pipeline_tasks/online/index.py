@@ -1,11 +1,10 @@
-"""FAISS approximate-nearest-neighbour index over L2-normalised item embeddings (inner product).
+"""Loading and searching a FAISS item index version (what serving needs; building lives in
+:mod:`pipeline_tasks.retrieval.index_build`).
 
-:func:`build_index` builds a Flat, IVF or HNSW index, tunes its search parameter (``nprobe`` /
-``efSearch``) until recall@k against exact search on held-out user embeddings reaches a target,
-measures single-thread query latency and writes one index version: ``index.faiss``,
-``item_ids.parquet`` (row i = vector i) and ``index.json`` (figures, checksums, parent version).
-:func:`load_index` refuses files whose SHA-256 differs from ``index.json``; :func:`add_items` writes
-a new version from a base version plus new items and never touches the base.
+A version is a directory with ``index.faiss``, ``item_ids.parquet`` (row i = vector i) and
+``index.json`` (figures, checksums, parent). :func:`load_index` refuses files whose SHA-256 differs
+from ``index.json``; :class:`ItemIndex` searches by inner product over L2-normalised embeddings,
+excluding given items; :func:`current_index` reads the pointer to the version serving loads.
 """
 
 from __future__ import annotations
