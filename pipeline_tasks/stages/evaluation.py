@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -12,8 +13,11 @@ from pipeline_tasks.data.split import SplitResult
 from pipeline_tasks.data.validate import ValidationResult
 from pipeline_tasks.evaluation.drift import DriftResult
 from pipeline_tasks.features.history import _snapshot_day_before, snapshot_rows
-from pipeline_tasks.features.snapshots import FeaturesResult
 from pipeline_tasks.stages.common import run_config, run_features, run_settings
+
+if TYPE_CHECKING:  # snapshots imports pyspark: only the Spark task loads it
+    from pipeline_tasks.features.snapshots import FeaturesResult
+
 
 # Rates and shares, not running totals: totals grow by construction and would always "drift".
 DRIFT_FEATURE_COLUMNS = {

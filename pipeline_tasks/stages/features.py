@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -12,8 +12,11 @@ from pipeline_tasks.core.runs import MANIFEST, run_dir, run_stage, safe_run_id, 
 from pipeline_tasks.data.split import SplitResult
 from pipeline_tasks.data.validate import ValidationResult
 from pipeline_tasks.features.history import TrainingSetResult, end_of_day
-from pipeline_tasks.features.snapshots import FeatureInputError, FeaturesResult
 from pipeline_tasks.stages.common import run_config, run_features, run_settings
+
+if TYPE_CHECKING:  # snapshots imports pyspark: only the Spark task loads it
+    from pipeline_tasks.features.snapshots import FeaturesResult
+
 
 
 def build_features_stage(run_id: str, validated: ValidationResult) -> FeaturesResult:
@@ -24,7 +27,7 @@ def build_features_stage(run_id: str, validated: ValidationResult) -> FeaturesRe
     """
 
     def work(out_dir: Path) -> FeaturesResult:
-        from pipeline_tasks.features.snapshots import build_features
+        from pipeline_tasks.features.snapshots import FeatureInputError, FeaturesResult, build_features
         from pipeline_tasks.features.spark import get_spark
         from pipeline_tasks.features.store import feature_store_lock
         from pipeline_tasks.online.feature_store import offline_table_dir

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pipeline_tasks.core.runs import run_dir, run_stage, safe_run_id, start_run
 from pipeline_tasks.data.split import SplitResult
 from pipeline_tasks.data.validate import ValidationResult
 from pipeline_tasks.features.history import TrainingSetResult, end_of_day, features_at
-from pipeline_tasks.features.snapshots import FeaturesResult
 from pipeline_tasks.retrieval.protocol import RetrievalResult
 from pipeline_tasks.stages.common import run_config, run_features, run_settings
+
+if TYPE_CHECKING:  # snapshots imports pyspark: only the Spark task loads it
+    from pipeline_tasks.features.snapshots import FeaturesResult
+
 
 
 def _features_at_for(run_id: str, validated: ValidationResult) -> Callable[[Any], tuple[Any, Any]] | None:

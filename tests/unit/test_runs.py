@@ -143,3 +143,14 @@ def test_manifest_lock_wait_is_bounded_and_names_the_holder(tmp_path, monkeypatc
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_stage_modules_load_no_spark_until_the_spark_task_runs():
+    """Every DAG task imports its stage module; only build_features' body may start pyspark."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipeline_tasks.stages.data, pipeline_tasks.stages.features, "
+            "pipeline_tasks.stages.evaluation, pipeline_tasks.stages.retrieval; print('pyspark' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert res.stdout.strip() == "False"
