@@ -28,7 +28,20 @@ Daily. A run looks at all events up to its `as_of` and writes everything under
   (`$RECSYS_HOME/mlflow`) -> `train_two_tower/model/`, `metrics.json`.
 - `build_index`: FAISS index of the whole catalog (Flat when small, IVF/HNSW when large) tuned to
   recall@k >= target vs exact search on held-out users; written with checksums as version 1 of
-  this model's index under `$RECSYS_HOME/indexes/` and made current -> `build_index/index.json`.
+  the serving fit's catalog, staged for the bundle -> `build_index/index/`, `build_index/index.json`.
+- `candidates`: item-to-item (co-occurrence) and content graphs of the three fits (validation, protocol,
+  serving), Feast point-in-time features at each cut, and the pool's fusion (weights, trending window) chosen on
+  validation pool recall@N -> `candidates/fits/`, `candidates/candidates.json`.
+- `ranking_set`: one query per user at `t_val` (validation fit's pool, labels graded from the validation window)
+  and at `t_test` (protocol fit's pool, test-window labels) -> `ranking_set/{validation,test}.parquet`.
+- `tune_ranker`: Optuna study (TPE, LightGBM pruning) of the lambdarank ranker on a by-user holdout; resumes from
+  `$RECSYS_HOME/optuna/` on retry -> `tune_ranker/study.json`, `plots/*.html`; MLflow.
+- `train_ranker`: protocol ranker (validation queries) and serving ranker (test queries) with the best params.
+- `evaluate`: the protocol fit on the test window vs popularity, recent popularity, two-tower alone, the merged
+  pool, two-stage (+ rules) and the champion (paired) -> `evaluate/report.html`, `report.json`; MLflow.
+- `register`: the bundle (towers, index + checksums, ranker, feature service, config, metrics, data hash, code)
+  as a new version of the MLflow model `recsys_<namespace>`; the gate decides `champion` / `challenger`; a
+  failed gate fails this task, registers the version as failed and leaves the aliases untouched.
 
 The params are resolved once by `ingest` (defaults, then `RECSYS_*` settings, then the run's params) into the
 run's `manifest.json`; every later task reads them from there.
@@ -36,7 +49,8 @@ run's `manifest.json`; every later task reads them from there.
 **Params**: `source`, `synthetic` (generator settings, `faults`), `as_of` (ISO-8601; empty = contract default),
 `t_val`/`t_test` (explicit split boundaries), `quality_threshold`, `max_stub_share`, `horizon_days`,
 `bot_events_per_day`, `drift_mode` (warn | fail), `drift_threshold` (PSI, default 0.2), `two_tower` (grid,
-epochs, content method, `grid_budget_s`), `index` (kind, target_recall, k).
+epochs, content method, `grid_budget_s`, `serving_fit`), `index` (kind, target_recall, k), `candidates` (pool_size,
+weights, trending_days, ...), `ranker` (n_trials, timeout_s, ...), `gate` (metrics, tolerance).
 
 **Extending**: write a function in `pipeline_tasks/<package>/<module>.py` that takes `out_dir` and returns a
 small dict, add a one-line stage in `pipeline_tasks/stages/<package>.py`, and wire a task here (with `@fail_fast`)
@@ -50,7 +64,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, TaskGroup, dag, task
 from recsys_common import RETRY_ARGS, fail_fast
 
 from pipeline_tasks.core.constants import DEFAULT_PARAMS  # a plain dict: no heavy import at parse time
@@ -85,6 +99,16 @@ PARAMS = {
                                    "'grid': [{'id_dropout': 0.2}], 'content_method': 'minilm'}"),
     "index": Param(DEFAULT_PARAMS["index"], type="object",
                    description="FAISS index overrides, e.g. {'kind': 'hnsw', 'target_recall': 0.95, 'k': 100}"),
+    "candidates": Param(DEFAULT_PARAMS["candidates"], type="object",
+                        description="candidate pool overrides, e.g. {'pool_size': 500, 'trending_days': 7, "
+                                    "'weights': {'two_tower': 1, 'i2i': 1}} (weights and trending window are "
+                                    "otherwise chosen on validation)"),
+    "ranker": Param(DEFAULT_PARAMS["ranker"], type="object",
+                    description="LightGBM lambdarank / Optuna overrides, e.g. {'n_trials': 20, 'timeout_s': 600, "
+                                "'holdout_share': 0.2, 'max_rounds': 500}"),
+    "gate": Param(DEFAULT_PARAMS["gate"], type="object",
+                  description="registry gate, e.g. {'metrics': ['ndcg@10', 'pool_recall'], 'tolerance': 0.01} "
+                              "(challenger minus champion, paired, must be >= -tolerance)"),
 }
 
 
@@ -176,15 +200,74 @@ def recsys_training() -> None:
 
         return build_index_stage(run_id, trained, features)
 
-    validated = validate(ingest())
-    split_out = split(validated)
-    features = build_features(validated)
-    split_out >> features
-    materialized = materialize(features, feast_apply(features))
-    train_set = training_set(split_out, materialized)
-    drifted = drift_check(validated, split_out, features, materialized)
-    trained = train_two_tower(validated, split_out, train_set)
-    drifted >> trained  # a drifted window (drift_mode=fail) stops the run before a model is trained
-    build_index(trained, features)
+    @task(doc_md="Item graphs of the validation, protocol and serving fits, Feast features at each cut, and the "
+                 "candidate fusion chosen on validation pool recall@N.", execution_timeout=LONG)
+    @fail_fast
+    def candidates(validated: dict, split_out: dict, trained: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.ranking import candidates_stage
+
+        return candidates_stage(run_id, validated, split_out, trained)
+
+    @task(doc_md="Ranking sets: one query per user at t_val (validation fit) and t_test (protocol fit), "
+                 "feature rows by the shared assembly, graded labels from the next window.", execution_timeout=LONG)
+    @fail_fast
+    def ranking_set(cands: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.ranking import ranking_set_stage
+
+        return ranking_set_stage(run_id, cands)
+
+    @task(doc_md="Optuna study (TPE, pruning) of the LightGBM lambdarank ranker on a by-user holdout of the "
+                 "validation queries; resumes on retry; plots and best params to MLflow.", execution_timeout=LONG)
+    @fail_fast
+    def tune_ranker(rsets: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.ranking import tune_ranker_stage
+
+        return tune_ranker_stage(run_id, rsets)
+
+    @task(doc_md="Protocol ranker (validation queries) and serving ranker (test queries) with the best params.",
+          execution_timeout=LONG)
+    @fail_fast
+    def train_ranker(cands: dict, rsets: dict, tuned: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.ranking import train_ranker_stage
+
+        return train_ranker_stage(run_id, cands, rsets, tuned)
+
+    @task(doc_md="Two-stage evaluation on the test window vs baselines and the champion -> evaluate/report.html.",
+          execution_timeout=LONG)
+    @fail_fast
+    def evaluate(cands: dict, ranker: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.bundle import evaluate_stage
+
+        return evaluate_stage(run_id, cands, ranker)
+
+    @task(doc_md="Register the bundle as a new MLflow model version; the gate moves champion/challenger or "
+                 "fails here leaving the aliases untouched.")
+    @fail_fast
+    def register(cands: dict, ranker: dict, index: dict, evaluated: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.bundle import register_stage
+
+        return register_stage(run_id, cands, ranker, index, evaluated)
+
+    # Groups only draw the stages in the UI (prefix_group_id=False): task ids stay what the docs and CLI say.
+    with TaskGroup("data", prefix_group_id=False, tooltip="ingest, validate, split"):
+        validated = validate(ingest())
+        split_out = split(validated)
+    with TaskGroup("features", prefix_group_id=False, tooltip="Spark snapshots, Feast, training set, drift"):
+        features = build_features(validated)
+        split_out >> features
+        materialized = materialize(features, feast_apply(features))
+        train_set = training_set(split_out, materialized)
+        drifted = drift_check(validated, split_out, features, materialized)
+    with TaskGroup("retrieval", prefix_group_id=False, tooltip="two-tower retrieval and its FAISS index"):
+        trained = train_two_tower(validated, split_out, train_set)
+        drifted >> trained  # a drifted window (drift_mode=fail) stops the run before a model is trained
+        index = build_index(trained, features)
+    with TaskGroup("ranking", prefix_group_id=False, tooltip="candidate pools, ranking sets, Optuna, LightGBM"):
+        cands = candidates(validated, split_out, trained)
+        rsets = ranking_set(cands)
+        ranker = train_ranker(cands, rsets, tune_ranker(rsets))
+    with TaskGroup("release", prefix_group_id=False, tooltip="evaluation against the champion, registry and gate"):
+        evaluated = evaluate(cands, ranker)
+        register(cands, ranker, index, evaluated)
 
 recsys_training()

@@ -262,6 +262,13 @@ def run(
     )] = None,
     index: Annotated[str | None, typer.Option(
         help="JSON FAISS index overrides, e.g. '{\"kind\": \"hnsw\", \"target_recall\": 0.95}'")] = None,
+    candidates: Annotated[str | None, typer.Option(
+        help="JSON candidate pool overrides, e.g. '{\"pool_size\": 500, \"trending_days\": 7}'")] = None,
+    ranker: Annotated[str | None, typer.Option(
+        help="JSON ranker / Optuna overrides, e.g. '{\"n_trials\": 20, \"timeout_s\": 600}'")] = None,
+    gate: Annotated[str | None, typer.Option(
+        help="JSON registry gate overrides, e.g. '{\"metrics\": [\"ndcg@10\", \"pool_recall\"], "
+             "\"tolerance\": 0.01}'")] = None,
     wait: Annotated[bool, typer.Option(
         "--wait", help="if another `recsys run` is running on this RECSYS_HOME, queue behind it instead of refusing")]
     = False,
@@ -280,7 +287,9 @@ def run(
                             "drift_mode": drift_mode, "horizon_days": horizon_days,
                             "bot_events_per_day": bot_events_per_day, "drift_threshold": drift_threshold,
                             "two_tower": _json_option(two_tower, "--two-tower"),
-                            "index": _json_option(index, "--index")}
+                            "index": _json_option(index, "--index"),
+                            "candidates": _json_option(candidates, "--candidates"),
+                            "ranker": _json_option(ranker, "--ranker"), "gate": _json_option(gate, "--gate")}
     synthetic = dict(DEFAULT_PARAMS["synthetic"])
     for key, value in (("n_events", events), ("n_users", users), ("n_items", items), ("n_days", days),
                        ("seed", seed)):
@@ -430,6 +439,115 @@ def split(
     except (PermanentError, ValueError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(json.dumps({k: out[k] for k in ("t_val", "t_test", "counts")}, indent=2))
+
+
+def _model_name(data: str | None, model: str | None) -> str:
+    """The registered model to use: ``--model``, else the one of ``--data``'s source, else the only one."""
+    from pipeline_tasks.core.namespace import source_namespace
+    from pipeline_tasks.online.bundle import model_name, registered_models
+
+    if model:
+        return model
+    if data:
+        return model_name(source_namespace(_source_option(data), None))
+    names = registered_models()
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise _fail("no registered model yet: `recsys run` registers one (its register task)")
+    raise _fail(f"several registered models {names}: choose one with --model (or --data)")
+
+
+@app.command()
+def recommend(
+    users: Annotated[Path, typer.Option(help="user ids: parquet/csv with a user_id column, or one id per line")],
+    output: Annotated[Path, typer.Option(help="parquet file to write user_id, item_id, rank, score to")],
+    as_of: Annotated[str, typer.Option(help="ISO-8601 request time: history before it, features valid at it")],
+    k: Annotated[int, typer.Option(help="items per user (1..1000)")] = 20,
+    data: Annotated[str | None, typer.Option(
+        help="contract DIR for histories and servability (default: the bundle's accepted data)")] = None,
+    model: Annotated[str | None, typer.Option(help="registered model name (default: the one of --data, or the "
+                                                   "only one)")] = None,
+    model_version: Annotated[int | None, typer.Option(help="bundle version (default: the champion)")] = None,
+    fit: Annotated[str, typer.Option(help="serving (default) or protocol (trained up to t_test)")] = "serving",
+    no_rules: Annotated[bool, typer.Option("--no-rules", help="ranker order without business rules")] = False,
+) -> None:
+    """Recommend k items to each user with a registered bundle (candidates, ranker and rules as in evaluate)."""
+    from pipeline_tasks.bundle.recommend import describe, read_users
+    from pipeline_tasks.bundle.recommend import recommend as run_recommend
+    from pipeline_tasks.data.validate import to_utc
+    from pipeline_tasks.online.bundle import load_bundle
+
+    _setup_logging(False)
+    disable_telemetry()
+    try:
+        at = to_utc(as_of)
+    except ValueError as exc:
+        raise _fail(f"--as-of {as_of!r} is not an ISO-8601 moment ({exc})") from None
+    if not 1 <= k <= 1000:
+        raise _fail(f"--k {k}: use 1..1000")
+    if fit not in ("serving", "protocol"):
+        raise _fail(f"--fit {fit!r}: use serving or protocol")
+    name = _model_name(data, model)
+    try:
+        bundle = load_bundle(name, version=model_version)
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    data_dir = _abs(Path(data)) if data and not data.startswith(("movielens:", "synthetic")) else None
+    ids = read_users(_abs(users))
+    recs = run_recommend(bundle, ids, k, at, data_dir=data_dir, fit=fit, rules=not no_rules)
+    out = _abs(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recs.to_parquet(out, index=False)
+    typer.echo(json.dumps({**describe(bundle), "fit": fit, "users": len(ids), "rows": len(recs),
+                           "output": str(out)}, indent=2))
+
+
+models_app = typer.Typer(help="Registered bundle versions: list them, promote one to champion.",
+                         invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(ctx: typer.Context,
+           model: Annotated[str | None, typer.Option(help="registered model name (default: all)")] = None) -> None:
+    """List versions, aliases, gate and protocol-fit test metrics of the registered models."""
+    from pipeline_tasks.bundle.registry import list_versions
+    from pipeline_tasks.online.bundle import registered_models
+
+    if ctx.invoked_subcommand is not None:
+        return
+    disable_telemetry()
+    names = [model] if model else registered_models()
+    if not names:
+        typer.echo("no registered model yet: `recsys run` registers one")
+        return
+    for name in names:
+        typer.echo(f"{name}  (metrics: protocol fit, test window)")
+        for row in list_versions(name):
+            metrics = ", ".join(f"{k.removeprefix('protocol.')}={v}" for k, v in sorted(row["metrics"].items())
+                                if k.startswith("protocol.two-stage.") or k.startswith("protocol.two_stage."))
+            aliases = ",".join(row["aliases"]) or "-"
+            typer.echo(f"  v{row['version']:<4} {aliases:<20} gate={row['gate']:<7} run={row['run_id']}  {metrics}")
+            if row["gate"] != "passed":
+                typer.echo(f"        reason: {row['reason']}")
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[int, typer.Argument(help="version to make champion")],
+    model: Annotated[str | None, typer.Option(help="registered model name (default: the only one)")] = None,
+) -> None:
+    """Move the champion alias to VERSION (refused, with the reason, when its gate failed)."""
+    from pipeline_tasks.bundle.registry import PromotionRefusedError, promote
+
+    disable_telemetry()
+    name = _model_name(None, model)
+    try:
+        moved = promote(name, version)
+    except PromotionRefusedError as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(json.dumps(moved))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,21 @@ def key_figure(task: str, info: dict[str, Any]) -> str:
         if task == "build_index":
             return (f"{out['kind']}, {_n(out['n_items'])} items, recall@{out['k']} {out['recall_at_k']:.3f}, "
                     f"p99 {out['latency_ms_p99']:.2f} ms")
+        if task == "candidates":
+            c = out["candidates"]
+            return f"pool {c['pool_size']}, trending {c['trending_days']:g} d, weights {c['weights']}"
+        if task == "ranking_set":
+            v, t = out["validation"], out["test"]
+            return (f"validation {_n(v['rows'])} rows ({_n(v['queries'])} queries, pool recall {v['pool_recall']:.3f}),"
+                    f" test {_n(t['rows'])} rows; {_n(int(v['rows_per_second']))} rows/s")
+        if task == "tune_ranker":
+            return f"{out['n_trials']} trials, best holdout NDCG@10 {out['best_value']:.4f}"
+        if task == "train_ranker":
+            return ", ".join(f"{k} {v['rows']:,} rows in {v['seconds']:.1f} s" for k, v in out["figures"].items())
+        if task == "evaluate":
+            return ", ".join(f"{k} {v:.3f}" for k, v in out["headline"].items()) + " (two-stage, test)"
+        if task == "register":
+            return f"{out['model']} v{out['version']}: gate {out['gate']} -> {out['alias'] or 'no alias'}"
         if task == "refresh_items":
             return f"{out.get('status')}, {_n(out.get('added', 0))} new items"
     except (KeyError, TypeError, ValueError, AttributeError):

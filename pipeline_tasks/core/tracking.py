@@ -89,3 +89,16 @@ def log_artifacts(paths: Mapping[str, str | Path]) -> None:
             mlflow.log_artifacts(str(p), artifact_path=key)
         elif p.exists():
             mlflow.log_artifact(str(p), artifact_path=key)
+
+
+def log_params_once(params: Mapping[str, Any]) -> None:
+    """Log params; a re-run of the same task that found other values (MLflow params are write-once) records them
+    as ``rerun.<key>`` tags instead, with a warning, rather than failing the task."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_params(dict(params))
+    except MlflowException as exc:
+        log.warning("params differ from an earlier try of this task (kept as rerun.* tags): %s", exc)
+        mlflow.set_tags({f"rerun.{k}": str(v) for k, v in params.items()})

@@ -46,6 +46,9 @@ class RetrievalConfig:
     # defaults) and epochs fit, and the stage stays within about 4x this (two models, grid + refit).
     # Small data (ml-100k: ~6 s an epoch) trains its first configs in full. None: no limit.
     grid_budget_s: float | None = 120.0
+    # Also fit the chosen config on every window (train + validation + test) for serving: the ranker's
+    # candidates then come from a model that saw the newest events. Off: serving uses the protocol's refit.
+    serving_fit: bool = True
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any] | None) -> RetrievalConfig:
@@ -88,23 +91,30 @@ def popularity_recs(history: pd.DataFrame, user_ids: Sequence[str], item_ids: Se
     return out
 
 
-def _examples(train: pd.DataFrame, validation: pd.DataFrame, training_set: str | Path | None
-              ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Training examples for the train window and for train + validation: the Feast point-in-time
-    training set when there is one (features as of each interaction), else the bare interactions."""
+def _examples(train: pd.DataFrame, validation: pd.DataFrame, test: pd.DataFrame, training_set: str | Path | None
+              ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Training examples for the train window, for train + validation and for all three windows: the Feast
+    point-in-time training set when there is one (features as of each interaction), else the bare interactions."""
     if training_set is None:
-        return train, pd.concat([train, validation], ignore_index=True)
+        return (train, pd.concat([train, validation], ignore_index=True),
+                pd.concat([train, validation, test], ignore_index=True))
     ts = pd.read_parquet(training_set).rename(columns={"event_timestamp": TIMESTAMP})
-    return ts[ts["window"] == "train"].reset_index(drop=True), ts
+    trainval = ts[ts["window"].isin(["train", "validation"])].reset_index(drop=True)
+    # A training set written before it covered the test window: those rows come without features.
+    everything = ts if (ts["window"] == "test").any() else pd.concat([ts, test], ignore_index=True)
+    return ts[ts["window"] == "train"].reset_index(drop=True), trainval, everything
 
 
 class RetrievalResult(TypedDict, total=False):
     """The trained models, their metrics and the held-out users' embeddings (the index build's queries)."""
 
-    model_dir: str
+    model_dir: str  # the protocol's refit (train + validation): scored on test
+    train_model_dir: str  # the chosen grid trial (train only): the ranker's validation-window candidates
+    serving_model_dir: str  # the chosen config on every window (= model_dir when serving_fit is off)
     mf_model_dir: str
     metrics: str
     query_embeddings: str
+    serving_query_embeddings: str  # the serving fit's embeddings of the same users (the index is of that fit)
     content_method: str
     test: dict[str, dict[str, float]]
     mlflow_run_id: str  # added by the train_two_tower stage
@@ -139,7 +149,7 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
     test_truth, _ = targets(trainval, test)
     val_window = Window(train, val_truth, *(snapshot(t_val) if snapshot else no_rows))
     test_window = Window(trainval, test_truth, *(snapshot(t_test) if snapshot else no_rows))
-    train_ex, trainval_ex = _examples(train, validation, training_set)
+    train_ex, trainval_ex, all_ex = _examples(train, validation, test, training_set)
     base = TwoTowerConfig.from_dict({**config.base, "seed": config.seed})
     log.info("retrieval protocol: %d validation users, %d test users, %d items", len(val_truth), len(test_truth),
              len(items))
@@ -148,9 +158,11 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
                                "validation_users": len(val_truth), "test_users": len(test_truth),
                                "items": len(items), "models": {}}
     models: dict[str, TwoTowerModel] = {}
+    chosen_trial: dict[str, TwoTowerModel] = {}
     for name, grid in (("two_tower", config.grid), ("mf", config.mf_grid)):
         configs = grid_configs(TwoTowerConfig.from_dict({**base.to_dict(), "model": name}), grid)
         trials = []
+        best_model: TwoTowerModel | None = None
         deadline = time.monotonic() + config.grid_budget_s if config.grid_budget_s is not None else None
         skipped = []
         for cfg in configs:
@@ -158,6 +170,8 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
                 skipped.append(cfg.to_dict())
                 continue
             m = fit(train_ex, items, users, content, method, cfg, validation=val_window, deadline=deadline)
+            if best_model is None or m.info["best_val_recall"] > best_model.info["best_val_recall"]:
+                best_model = m  # the chosen trial (train only) gives the ranker its validation candidates
             trials.append({"config": cfg.to_dict(), "best_epoch": m.info["best_epoch"],
                            "val_recall": m.info["best_val_recall"], "history": m.info["history"],
                            "stopped_by_budget": m.info["stopped_by_budget"]})
@@ -178,6 +192,8 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
                                    "refit_stopped_by_budget": refit.info["stopped_by_budget"],
                                    "seconds_per_epoch": refit.info["seconds_per_epoch"]}
         models[name] = refit
+        if best_model is not None:
+            chosen_trial[name] = best_model
         log.info("%s on test: recall@100 %.4f, recall@500 %.4f (chosen %s)", name, metrics["recall@100"],
                  metrics["recall@500"], grid[best] if grid else {})
     pop = popularity_recs(trainval, list(test_truth), item_ids, max(EVAL_KS))
@@ -189,12 +205,33 @@ def train_retrieval(out_dir: str | Path, split_dir: str | Path, accepted_dir: st
                                                            "t_test": split_info["t_test"]}})
     model.save(out / "model")
     models["mf"].save(out / "mf_model")
+    trial = chosen_trial["two_tower"]
+    trial.info.update({"content_method": method, "trained_until": split_info["t_val"]})
+    trial.save(out / "train_model")
+    serving_dir = out / "model"
+    if config.serving_fit:
+        chosen_cfg = TwoTowerConfig.from_dict(results["models"]["two_tower"]["chosen"])
+        t2 = time.perf_counter()
+        serving = fit(all_ex, items, users, content, method, chosen_cfg,
+                      epochs=results["models"]["two_tower"]["refit_epochs"],
+                      deadline=time.monotonic() + config.grid_budget_s if config.grid_budget_s is not None else None)
+        serving.info.update({"content_method": method, "trained_until": "as_of"})
+        serving_dir = out / "serving_model"
+        serving.save(serving_dir)
+        results["models"]["two_tower"]["serving_fit_seconds"] = round(time.perf_counter() - t2, 2)
     # Held-out users' query embeddings (test users at t_test): the index builder tunes against them.
     queries = model.user_embeddings(list(test_truth), trainval, test_window.user_rows, users)
     np.save(out / "query_embeddings.npy", queries.astype(np.float32))
+    if config.serving_fit:  # the index holds the serving fit's items: tune it with that fit's queries
+        everything = pd.concat([trainval, test], ignore_index=True)
+        serving_queries = serving.user_embeddings(list(test_truth), everything, test_window.user_rows, users)
+        np.save(out / "serving_query_embeddings.npy", serving_queries.astype(np.float32))
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
     summary = {m: {k: r["test"][k] for k in ("recall@100", "recall@500", "ndcg@10")}
                for m, r in results["models"].items()}
-    return RetrievalResult(model_dir=str(out / "model"), mf_model_dir=str(out / "mf_model"),
+    return RetrievalResult(model_dir=str(out / "model"), train_model_dir=str(out / "train_model"),
+                           serving_model_dir=str(serving_dir), mf_model_dir=str(out / "mf_model"),
                            metrics=str(out / "metrics.json"), query_embeddings=str(out / "query_embeddings.npy"),
+                           serving_query_embeddings=str(out / ("serving_query_embeddings.npy" if config.serving_fit
+                                                               else "query_embeddings.npy")),
                            content_method=method, test=summary)

@@ -32,6 +32,9 @@ class RunConfig(TypedDict):
     drift_threshold: float
     two_tower: dict[str, Any]
     index: dict[str, Any]
+    candidates: dict[str, Any]
+    ranker: dict[str, Any]
+    gate: dict[str, Any]
     namespace: str  # the source's identity: its feature history and MLflow experiment (core.namespace)
 
 

@@ -73,9 +73,9 @@ def materialize_stage(run_id: str, features: FeaturesResult) -> dict[str, Any]:
 
 
 def training_entity_rows(split: SplitResult) -> pd.DataFrame:
-    """Label-time rows for the ranker's training data: every train and validation interaction."""
+    """Label-time rows of every interaction of the three windows (the serving fit trains on all of them)."""
     frames = []
-    for window in ("train", "validation"):
+    for window in ("train", "validation", "test"):
         df = pd.read_parquet(split[window])
         frames.append(df.assign(window=window))
     rows = pd.concat(frames, ignore_index=True)

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from pipeline_tasks.core.runs import run_dir, run_stage, safe_run_id, start_run
+from pipeline_tasks.core.runs import run_dir, run_stage, start_run
 from pipeline_tasks.data.split import SplitResult
 from pipeline_tasks.data.validate import ValidationResult
 from pipeline_tasks.features.history import TrainingSetResult, end_of_day, features_at
 from pipeline_tasks.retrieval.protocol import RetrievalResult
+from pipeline_tasks.retrieval.refresh import catalog_recipe
 from pipeline_tasks.stages.common import run_config, run_features, run_settings
 
 if TYPE_CHECKING:  # snapshots imports pyspark: only the Spark task loads it
@@ -107,21 +108,21 @@ class IndexResult(TypedDict):
 
 
 def build_index_stage(run_id: str, trained: RetrievalResult, features: FeaturesResult | None) -> IndexResult:
-    """FAISS index of every catalog item (embedded with the newest feature snapshot), tuned to the recall
-    target on held-out users, published as version 1 of this model's serving index."""
+    """FAISS index of every catalog item embedded by the serving fit (with the newest feature snapshot), tuned to
+    the recall target on held-out users, staged in the task's directory: ``register`` puts it into the bundle, and
+    only the registry's aliases decide what is served."""
     import numpy as np
 
     from pipeline_tasks.core.tracking import log_artifacts, log_flat, mlflow_run
-    from pipeline_tasks.online.index import version_dir
     from pipeline_tasks.online.two_tower import load_model
     from pipeline_tasks.retrieval.index_build import IndexConfig, build_index
-    from pipeline_tasks.retrieval.refresh import catalog_recipe, index_lock, publish
 
     p = run_config(run_id)
     index_config = IndexConfig(**(p.get("index") or {}))
 
     def work(out_dir: Path) -> IndexResult:
-        model = load_model(trained["model_dir"])
+        model_dir = trained.get("serving_model_dir") or trained["model_dir"]
+        model = load_model(model_dir)
         # The catalog's features at the end of the run's last recorded day, by the one point-in-time read.
         recorded = run_features(run_id, required=False)
         item_rows = None
@@ -129,16 +130,12 @@ def build_index_stage(run_id: str, trained: RetrievalResult, features: FeaturesR
             until = end_of_day(recorded["last_day"])
             _, item_rows = features_at(until, item_ids=model.encoder.item_ids, settings=run_settings(p), until=until)
         vectors = model.item_embeddings(item_rows)
-        queries = np.load(trained["query_embeddings"])
-        key = safe_run_id(run_id)
-        target = version_dir(key, 1)
-        with index_lock():
-            provenance = {"model_dir": trained["model_dir"], "mlflow_run_id": trained.get("mlflow_run_id")}
-            meta = build_index(vectors, model.encoder.item_ids, queries, target, index_config, parent=provenance)
-            pointer = publish({"model_key": key, "run_id": run_id, "model_dir": trained["model_dir"],
-                               "index_dir": str(target), "version": 1, "sha256": meta["sha256"],
-                               "n_items": meta["n_items"], **catalog_recipe(p["source"], p["synthetic"]),
-                               "parent": None, "content_method": model.encoder.content_method})
+        queries = np.load(trained.get("serving_query_embeddings") or trained["query_embeddings"])
+        target = out_dir / "index"
+        provenance = {"model_dir": model_dir, "mlflow_run_id": trained.get("mlflow_run_id"), "run_id": run_id,
+                      "content_method": model.encoder.content_method,
+                      **catalog_recipe(p["source"], p["synthetic"])}
+        meta = build_index(vectors, model.encoder.item_ids, queries, target, index_config, parent=provenance)
         (out_dir / "index.json").write_text(json.dumps(meta, indent=2, default=str))
         if trained.get("mlflow_run_id"):
             with mlflow_run(trained["mlflow_experiment"], run_id=trained["mlflow_run_id"]):
@@ -148,7 +145,7 @@ def build_index_stage(run_id: str, trained: RetrievalResult, features: FeaturesR
                 log_artifacts({"index": out_dir / "index.json"})
         summary = {k: meta.get(k) for k in ("kind", "n_items", "k", "recall_at_k", "target_reached",
                                             "latency_ms_p50", "latency_ms_p99", "memory_bytes", "build_seconds")}
-        return IndexResult(**summary, index_dir=str(target), sha256=pointer["sha256"], meta=str(out_dir / "index.json"))
+        return IndexResult(**summary, index_dir=str(target), sha256=meta["sha256"], meta=str(out_dir / "index.json"))
 
     return run_stage(run_id, "build_index", work)
 

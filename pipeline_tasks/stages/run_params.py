@@ -22,7 +22,7 @@ def check_stage_configs(config: RunConfig) -> None:
     from pipeline_tasks.retrieval.two_tower_training import grid_configs
 
     params: dict[str, Any] = dict(config)
-    for name in ("synthetic", "two_tower", "index"):
+    for name in ("synthetic", "two_tower", "index", "candidates", "ranker", "gate"):
         if not isinstance(params[name], dict):
             raise InvalidParamsError(f"{name} must be a JSON object, got {params[name]!r}")
     try:
@@ -39,6 +39,15 @@ def check_stage_configs(config: RunConfig) -> None:
         IndexConfig(**params["index"]).validate()
     except (TypeError, ValueError) as exc:
         raise _invalid("index", exc) from None
+    from pipeline_tasks.bundle.registry import GateConfig
+    from pipeline_tasks.online.candidates import CandidateConfig
+    from pipeline_tasks.ranking.ranker import RankerConfig
+
+    for name, cls in (("candidates", CandidateConfig), ("ranker", RankerConfig), ("gate", GateConfig)):
+        try:
+            cls.from_params(params[name])
+        except (TypeError, ValueError) as exc:
+            raise _invalid(name, exc) from None
     try:
         DriftConfig(threshold=float(params["drift_threshold"]), mode=params["drift_mode"])
     except (TypeError, ValueError) as exc:

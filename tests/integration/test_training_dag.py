@@ -102,8 +102,8 @@ def test_movielens_100k(ml100k_run, ml100k, bench_protocol):
         t: "success" for t in ("ingest", "validate", "split", "build_features", "feast_apply", "materialize",
                                "training_set", "drift_check", "train_two_tower", "build_index")}
     ts = pd.read_parquet(run.manifest["tasks"]["training_set"]["outputs"]["training_set"])
-    requested = pd.concat([pd.read_parquet(run.run_dir / "split" / f"{w}.parquet") for w in ("train", "validation")])
-    assert len(ts) == 90_000  # one row per requested row, in order
+    requested = pd.concat([pd.read_parquet(run.run_dir / "split" / f"{w}.parquet") for w in ("train", "validation", "test")])
+    assert len(ts) == 100_000  # one row per requested row (all three windows), in order
     assert ts["user_id"].tolist() == requested["user_id"].tolist()
     assert ts["item_id"].tolist() == requested["item_id"].tolist()
     assert {"user_total_interactions", "item_popularity", "hour_sin", "user_category_share"} <= set(ts.columns)

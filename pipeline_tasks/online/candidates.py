@@ -1,0 +1,392 @@
+"""Candidate generation from several sources, merged into one pool: the first stage of a recommendation.
+
+One implementation for the offline ranking set, the evaluation, ``recsys recommend`` and the service.
+Every source scores the whole catalog for a block of users at once (dense ``users x items``), so a
+request is the same code with a block of one user.
+
+Sources (:data:`SOURCES`):
+
+- ``two_tower``: inner product of the user's and the items' two-tower embeddings (exact here; an ANN
+  index can replace the search, see :func:`top_k`).
+- ``i2i``: item-to-item neighbours of the user's recent items. Neighbours are items co-occurring in
+  users' histories: the cosine of the user-item incidence columns, or (``graph="ease"``, catalogs up
+  to :data:`EASE_MAX_ITEMS`) EASE's closed-form item-item weights, which discount items that co-occur
+  only because both are popular; top ``neighbours`` per item. Each of the user's ``recent_items``
+  most recent items seeds its neighbours with weight ``0.5 ** (age_days / recency_half_life_days)``.
+- ``content``: items with fewer than ``cold_item_events`` events, by content-embedding cosine to the
+  user's recent items (same recency weights): new items have no co-occurrence yet.
+- ``trending``: distinct users per item over the last ``trending_days`` before the request.
+- ``popularity``: distinct users per item over the whole history; it is last in the fusion and
+  fills a pool that the others leave short.
+
+Every source returns its ``pool_size`` (N) best items, skipping the user's seen items and items not
+servable at the request time (unavailable, not allowed in the user's region, created after the
+request). The merged pool orders the union by weighted reciprocal rank fusion,
+``sum_s w_s / (rrf_k + rank_s)``, and keeps its first ``rank_size`` items (default 2N) for the ranker:
+sources overlap, and their union holds more of a user's future items than any N of them (pool
+recall@N is reported on the first N). Each candidate keeps every source's score and rank (NaN where a
+source did not return it), the fused score and its pool rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
+from pipeline_tasks.core.errors import InvalidParamsError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("two_tower", "i2i", "content", "trending", "popularity")
+# Dense score cells per block of users (users x catalog items, float32): bounds memory at ~200 MB a matrix.
+BLOCK_CELLS = 50_000_000
+# EASE's Gram matrix and its inverse are dense items x items float64: 10k items ~ 0.8 GB each.
+EASE_MAX_ITEMS = 10_000
+GRAPHS = ("cosine", "ease")
+SECONDS_PER_DAY = 86_400.0
+NO_REGION = ""
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """How the pool is built; chosen on the validation window (``weights``, ``trending_days``)."""
+
+    pool_size: int = 500  # N: each source's list length, and the cut of pool recall@N
+    rank_size: int | None = None  # how many of the merged pool the ranker scores (None: 2N)
+    graph: str = "cosine"  # i2i weights: cosine | ease (chosen on validation by the candidates task)
+    ease_lambda: float = 500.0
+    recent_items: int = 50
+    recency_half_life_days: float = 30.0
+    neighbours: int = 200
+    cold_item_events: int = 5
+    trending_days: float = 7.0
+    rrf_k: float = 60.0
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "two_tower": 1.0, "i2i": 1.0, "content": 0.5, "trending": 0.5, "popularity": 0.1})
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise InvalidParamsError(f"candidates.pool_size={self.pool_size}: use a positive number of items")
+        if self.rank_size is not None and self.rank_size < self.pool_size:
+            raise InvalidParamsError(f"candidates.rank_size={self.rank_size} must be >= pool_size={self.pool_size}")
+        if self.graph not in GRAPHS:
+            raise InvalidParamsError(f"candidates.graph={self.graph!r}: use one of {GRAPHS}")
+        unknown = set(self.weights) - set(SOURCES)
+        if unknown:
+            raise InvalidParamsError(f"candidates.weights names unknown sources {sorted(unknown)}; known: "
+                                     f"{list(SOURCES)}")
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any] | None) -> CandidateConfig:
+        p = dict(p or {})
+        unknown = set(p) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidParamsError(f"unknown candidates params {sorted(unknown)}; known: "
+                                     f"{sorted(cls.__dataclass_fields__)}")
+        if "weights" in p:
+            p["weights"] = {**cls().weights, **p["weights"]}
+        return cls(**p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def ranked(self) -> int:
+        """How many candidates of the merged pool the ranker scores."""
+        return self.rank_size if self.rank_size is not None else 2 * self.pool_size
+
+
+@dataclass
+class ItemGraph:
+    """What the i2i and content sources learned from a fit's history: sparse ``items x items`` scores."""
+
+    item_ids: list[str]
+    cooccurrence: sp.csr_matrix  # row i: the co-occurrence neighbours of item i (cosine)
+    content: sp.csr_matrix  # row i: cold items by content cosine to item i
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sp.save_npz(path / "cooccurrence.npz", self.cooccurrence)
+        sp.save_npz(path / "content.npz", self.content)
+        pd.DataFrame({ITEM_ID: self.item_ids}).to_parquet(path / "item_ids.parquet", index=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ItemGraph:
+        path = Path(path)
+        ids = pd.read_parquet(path / "item_ids.parquet")[ITEM_ID].astype(str).tolist()
+        return cls(ids, sp.load_npz(path / "cooccurrence.npz").tocsr(), sp.load_npz(path / "content.npz").tocsr())
+
+
+def _top_per_row(matrix: sp.csr_matrix | np.ndarray, k: int) -> sp.csr_matrix:
+    """Keep each row's k largest positive entries."""
+    dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+    dense = np.where(dense > 0, dense, 0.0).astype(np.float32)
+    if dense.shape[1] > k:
+        cut = np.argpartition(-dense, k - 1, axis=1)[:, k:]
+        np.put_along_axis(dense, cut, 0.0, axis=1)
+    return sp.csr_matrix(dense)
+
+
+def build_item_graph(history: pd.DataFrame, item_ids: Sequence[str], content: np.ndarray | None,
+                     config: CandidateConfig) -> ItemGraph:
+    """Co-occurrence neighbours and cold-item content neighbours of every catalog item, from ``history``.
+
+    ``content`` holds one L2-normalised content vector per catalog item (rows aligned to ``item_ids``).
+    """
+    ids = [str(i) for i in item_ids]
+    n = len(ids)
+    index = pd.Index(ids)
+    pairs = history[[USER_ID, ITEM_ID]].astype(str).drop_duplicates()
+    cols = index.get_indexer(pairs[ITEM_ID])
+    pairs = pairs[cols >= 0]
+    cols = cols[cols >= 0]
+    users, rows = np.unique(pairs[USER_ID].to_numpy(), return_inverse=True)
+    incidence = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(len(users), n))
+    counts = np.asarray(incidence.sum(axis=0)).ravel()
+    norm = np.sqrt(np.maximum(counts, 1.0)).astype(np.float32)
+    by_item = incidence.T.tocsr()
+    blocks = []
+    step = max(1, BLOCK_CELLS // max(n, 1))
+    if config.graph == "ease" and n > EASE_MAX_ITEMS:
+        log.warning("catalog of %d items > %d: i2i uses cosine co-occurrence instead of EASE", n, EASE_MAX_ITEMS)
+    if config.graph == "ease" and 0 < n <= EASE_MAX_ITEMS:
+        gram = (by_item @ incidence).toarray().astype(np.float64)
+        gram[np.diag_indices_from(gram)] += config.ease_lambda
+        inverse = np.linalg.inv(gram)
+        del gram
+        weights = -inverse / np.diag(inverse)[None, :]
+        del inverse
+        weights[np.diag_indices_from(weights)] = 0.0
+        for start in range(0, n, step):
+            blocks.append(_top_per_row(weights[start:start + step], config.neighbours))
+        del weights
+    for start in range(0, n if not blocks else 0, step):
+        co = (by_item[start:start + step] @ incidence).toarray()  # (block, n) co-occurrence counts
+        co /= norm[start:start + step, None] * norm[None, :]
+        co[np.arange(co.shape[0]), np.arange(start, start + co.shape[0])] = 0.0
+        blocks.append(_top_per_row(co, config.neighbours))
+    cooc = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, n), dtype=np.float32)
+
+    cold = np.flatnonzero(counts < config.cold_item_events)
+    if content is not None and len(cold) and n:
+        vectors = np.asarray(content, np.float32)
+        cblocks = []
+        for start in range(0, n, step):
+            sim = vectors[start:start + step] @ vectors[cold].T  # (block, n_cold)
+            full = np.zeros((sim.shape[0], n), np.float32)
+            full[:, cold] = sim
+            full[np.arange(full.shape[0]), np.arange(start, start + full.shape[0])] = 0.0
+            cblocks.append(_top_per_row(full, min(config.neighbours, len(cold))))
+        content_graph = sp.vstack(cblocks).tocsr()
+    else:
+        content_graph = sp.csr_matrix((n, n), dtype=np.float32)
+    log.info("item graph: %d items, %d co-occurrence edges, %d cold items with %d content edges", n, cooc.nnz,
+             len(cold), content_graph.nnz)
+    return ItemGraph(ids, cooc, content_graph)
+
+
+@dataclass
+class ItemTable:
+    """The catalog at a request time: servability, categories, regions and age, aligned to the graph's ids."""
+
+    item_ids: list[str]
+    servable: np.ndarray  # bool: available and created by the request time
+    category: np.ndarray  # object: primary category ("unknown" when missing)
+    region_allowed: dict[str, np.ndarray]  # region -> bool per item; items with no restriction are True
+    unrestricted: np.ndarray  # bool: no region list
+    created_at: pd.Series  # UTC timestamps (NaT when unknown)
+
+    @classmethod
+    def build(cls, items: pd.DataFrame, item_ids: Sequence[str], at: pd.Timestamp) -> ItemTable:
+        """``items`` (contract items table) reindexed to ``item_ids``; an id missing from it is not servable."""
+        ids = [str(i) for i in item_ids]
+        table = items.assign(**{ITEM_ID: items[ITEM_ID].astype(str)}).drop_duplicates(ITEM_ID, keep="last")
+        table = table.set_index(ITEM_ID).reindex(ids)
+        known = table.index.isin(items[ITEM_ID].astype(str)) if len(ids) else np.zeros(0, bool)
+        available = table["available"] if "available" in table else pd.Series(True, index=table.index)
+        available = available.astype("boolean").fillna(True).to_numpy(dtype=bool) & np.asarray(known, bool)
+        created = pd.to_datetime(table["created_at"], utc=True) if "created_at" in table else \
+            pd.Series(pd.NaT, index=table.index, dtype="datetime64[ns, UTC]")
+        # Not created after the request; an item with no creation time is a new entry and servable.
+        not_future = (created.isna() | (created <= at)).to_numpy(dtype=bool)
+        category = table["category"] if "category" in table else pd.Series(None, index=table.index)
+        category = category.astype(object).where(category.notna() & (category.astype(str) != ""), "unknown")
+        regions = table["regions"] if "regions" in table else pd.Series(None, index=table.index)
+        lists = [[r.strip() for r in str(v).split("|") if r.strip()] if isinstance(v, str) else [] for v in regions]
+        unrestricted = np.array([not r for r in lists], dtype=bool)
+        allowed: dict[str, np.ndarray] = {}
+        for i, names in enumerate(lists):
+            for name in names:
+                allowed.setdefault(name, unrestricted.copy())[i] = True
+        return cls(ids, available & not_future, category.to_numpy(dtype=object), allowed, unrestricted,
+                   created.reset_index(drop=True))
+
+    def allowed_for(self, regions: Sequence[str | None]) -> np.ndarray:
+        """(len(regions), items) bool: servable and allowed in each user's region (unknown region: unrestricted
+        items only)."""
+        out = np.empty((len(regions), len(self.item_ids)), dtype=bool)
+        for row, region in enumerate(regions):
+            base = self.region_allowed.get(region or NO_REGION, self.unrestricted)
+            out[row] = base & self.servable
+        return out
+
+
+@dataclass
+class UserHistory:
+    """Users' histories before a request time, as sparse matrices over the catalog."""
+
+    user_ids: list[str]
+    seen: sp.csr_matrix  # users x items, 1 where the user interacted before the request
+    recent: sp.csr_matrix  # users x items, recency weight of the user's most recent distinct items
+    region: list[str | None]  # the user's region (location of their latest event, else the users table's)
+
+    @classmethod
+    def build(cls, history: pd.DataFrame, user_ids: Sequence[str], item_ids: Sequence[str], at: pd.Timestamp,
+              config: CandidateConfig, users: pd.DataFrame | None = None) -> UserHistory:
+        """``history`` holds events before ``at`` (later rows are ignored); ``users`` gives locations of users
+        without located events."""
+        uids = [str(u) for u in user_ids]
+        uindex = pd.Index(uids)
+        h = history[history[TIMESTAMP] < at] if len(history) else history
+        rows = uindex.get_indexer(h[USER_ID].astype(str))
+        h = h[rows >= 0]
+        rows = rows[rows >= 0]
+        cols = pd.Index([str(i) for i in item_ids]).get_indexer(h[ITEM_ID].astype(str))
+        ok = cols >= 0
+        shape = (len(uids), len(item_ids))
+        seen = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])), shape=shape)
+        seen.data[:] = 1.0
+        last = pd.DataFrame({"u": rows[ok], "i": cols[ok], "t": h[TIMESTAMP].to_numpy()[ok]})
+        last = last.sort_values("t", kind="stable").drop_duplicates(["u", "i"], keep="last")
+        last["k"] = last.groupby("u").cumcount(ascending=False)
+        last = last[last["k"] < config.recent_items]
+        age = (at - pd.to_datetime(last["t"], utc=True)).dt.total_seconds().to_numpy() / SECONDS_PER_DAY
+        weight = np.power(0.5, np.clip(age, 0, None) / config.recency_half_life_days).astype(np.float32)
+        recent = sp.csr_matrix((weight, (last["u"].to_numpy(), last["i"].to_numpy())), shape=shape)
+        region: list[str | None] = [None] * len(uids)
+        if users is not None and "location" in users:
+            loc = users.assign(**{USER_ID: users[USER_ID].astype(str)}).drop_duplicates(USER_ID).set_index(USER_ID)
+            region = [v if isinstance(v, str) and v else None for v in loc["location"].reindex(uids)]
+        if "location" in h and len(h):
+            located = h[h["location"].notna()].assign(_u=rows[h["location"].notna().to_numpy()])
+            newest = located.sort_values(TIMESTAMP, kind="stable").drop_duplicates("_u", keep="last")
+            for u, loc_value in zip(newest["_u"], newest["location"], strict=True):
+                region[int(u)] = str(loc_value)
+        return cls(uids, seen.tocsr(), recent.tocsr(), region)
+
+
+def item_counts(history: pd.DataFrame, item_ids: Sequence[str], at: pd.Timestamp,
+                days: float | None = None) -> np.ndarray:
+    """Distinct users per catalog item over the events before ``at`` (the last ``days`` days when given)."""
+    h = history[history[TIMESTAMP] < at]
+    if days is not None:
+        h = h[h[TIMESTAMP] >= at - pd.Timedelta(days=days)]
+    pairs = h[[USER_ID, ITEM_ID]].astype(str).drop_duplicates()
+    idx = pd.Index([str(i) for i in item_ids]).get_indexer(pairs[ITEM_ID])
+    return np.bincount(idx[idx >= 0], minlength=len(item_ids)).astype(np.float32)
+
+
+def top_k(scores: np.ndarray, allowed: np.ndarray, k: int, positive_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k best allowed items: ``(indices, scores)``, -1 / NaN padded, best first."""
+    masked = np.where(allowed, scores, -np.inf).astype(np.float32)
+    if positive_only:
+        masked[masked <= 0] = -np.inf
+    n_items = masked.shape[1]
+    width = min(k, n_items)
+    out_idx = np.full((len(masked), k), -1, dtype=np.int64)
+    out_score = np.full((len(masked), k), np.nan, dtype=np.float32)
+    if width == 0 or not len(masked):
+        return out_idx, out_score
+    part = np.argpartition(-masked, width - 1, axis=1)[:, :width] if width < n_items else \
+        np.broadcast_to(np.arange(n_items), masked.shape).copy()
+    part = np.sort(part, axis=1)  # ties broken by item index
+    vals = np.take_along_axis(masked, part, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    best, vals = np.take_along_axis(part, order, axis=1), np.take_along_axis(vals, order, axis=1)
+    valid = np.isfinite(vals)
+    out_idx[:, :width] = np.where(valid, best, -1)
+    out_score[:, :width] = np.where(valid, vals, np.nan)
+    return out_idx, out_score
+
+
+@dataclass
+class SourceLists:
+    """Each source's ranked lists for a block of users: ``source -> (indices, scores)``, and the dense
+    cross scores of every (user, item) of the block that feature assembly reads for any candidate."""
+
+    lists: dict[str, tuple[np.ndarray, np.ndarray]]
+    dense: dict[str, np.ndarray]
+
+
+def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | None, history: UserHistory,
+                 rows: slice, graph: ItemGraph, catalog: ItemTable, trending: np.ndarray, popularity: np.ndarray,
+                 config: CandidateConfig, k: int | None = None) -> SourceLists:
+    """Every source's top-k (default ``pool_size``) for the users ``history.user_ids[rows]``."""
+    k = k or config.pool_size
+    seen = history.seen[rows]
+    allowed = catalog.allowed_for(history.region[rows]) & (seen.toarray() == 0)
+    recent = history.recent[rows]
+    dense: dict[str, np.ndarray] = {
+        "i2i": (recent @ graph.cooccurrence).toarray().astype(np.float32),
+        "content": (recent @ graph.content).toarray().astype(np.float32),
+    }
+    if user_vectors is not None and item_vectors is not None:
+        dense["two_tower"] = (np.asarray(user_vectors, np.float32) @ np.asarray(item_vectors, np.float32).T)
+    n = allowed.shape[0]
+    dense["trending"] = np.broadcast_to(trending, (n, len(trending)))
+    dense["popularity"] = np.broadcast_to(popularity, (n, len(popularity)))
+    lists = {}
+    for source in SOURCES:
+        if source not in dense or config.weights.get(source, 0.0) <= 0:
+            continue
+        lists[source] = top_k(dense[source], allowed, k, positive_only=source != "two_tower")
+    return SourceLists(lists, dense)
+
+
+def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
+    """The pool: per user (block row) the ``rank_size`` best items by weighted reciprocal rank fusion.
+
+    Columns: ``row`` (user row in the block), ``item`` (catalog index), ``{source}_score`` and
+    ``{source}_rank`` (1-based; NaN where absent), ``fused_score``, ``pool_rank`` (1-based), ``n_sources``.
+    """
+    n_items = next(iter(block.dense.values())).shape[1]
+    keys, parts = [], {}
+    for source, (idx, _) in block.lists.items():
+        r, c = np.nonzero(idx >= 0)
+        keys.append(r.astype(np.int64) * n_items + idx[r, c])
+        parts[source] = (r.astype(np.int64) * n_items + idx[r, c], c + 1)
+    if not keys:
+        return pd.DataFrame(columns=["row", "item", "fused_score", "pool_rank", "n_sources"])
+    pool = np.unique(np.concatenate(keys))
+    fused = np.zeros(len(pool), np.float64)
+    n_sources = np.zeros(len(pool), np.int16)
+    out: dict[str, np.ndarray] = {"row": pool // n_items, "item": pool % n_items}
+    for source in SOURCES:
+        rank = np.full(len(pool), np.nan)
+        if source in parts:
+            key, r = parts[source]
+            rank[np.searchsorted(pool, key)] = r
+            hit = ~np.isnan(rank)
+            fused[hit] += config.weights.get(source, 0.0) / (config.rrf_k + rank[hit])
+            n_sources += hit
+        out[f"{source}_rank"] = rank
+    frame = pd.DataFrame(out)
+    frame["fused_score"] = fused
+    frame["n_sources"] = n_sources
+    frame = frame.sort_values(["row", "fused_score", "item"], ascending=[True, False, True], kind="stable")
+    frame["pool_rank"] = frame.groupby("row").cumcount() + 1
+    frame = frame[frame["pool_rank"] <= config.ranked].reset_index(drop=True)
+    rows, items = frame["row"].to_numpy(), frame["item"].to_numpy()
+    for source in SOURCES:  # every source's score for every candidate (a cross feature), NaN without it
+        values = block.dense.get(source)
+        frame[f"{source}_score"] = values[rows, items].astype(np.float32) if values is not None else np.nan
+    return frame

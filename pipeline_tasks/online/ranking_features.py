@@ -1,0 +1,133 @@
+"""The ranker's feature rows: one function, :func:`assemble_features`, shared by the ranking set, the offline
+evaluation, ``recsys recommend`` and the service.
+
+A row describes one candidate of one query (a user at a request time) from four parts:
+
+- **user state**: the user's Feast ``user_stats_fv`` row valid at the request and their per-category history
+  before it (:func:`category_state`);
+- **item state**: the item's Feast ``item_stats_fv`` row valid at the request;
+- **context**: the request's time, device and location (:func:`context_features`, cross features included);
+- **candidate**: each source's rank and score from :mod:`pipeline_tasks.online.candidates`. Raw scores are
+  on each fit's own scale, so scores enter as per-query z-scores; ranks and the fused score are comparable.
+
+Columns are :data:`FEATURE_COLUMNS`, float32, in that order; missing values are NaN (LightGBM's missing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
+from pipeline_tasks.online.candidates import SECONDS_PER_DAY, SOURCES
+from pipeline_tasks.online.context_features import CONTEXT_FEATURE_COLUMNS, REQUEST_TIMESTAMP, context_features
+
+QUERY_ID = "query_id"
+USER_NUMERIC = [
+    "user_total_interactions", "user_unique_items", "user_n_view", "user_n_click", "user_n_add_to_cart",
+    "user_n_purchase", "user_n_favorite", "user_ctr", "user_conversion_rate", "user_mean_session_events",
+    "user_mean_session_minutes",
+]
+ITEM_NUMERIC = [
+    "item_n_view", "item_n_click", "item_n_purchase", "item_total_interactions", "item_unique_users",
+    "item_interactions_30d", "item_ctr", "item_conversion_rate", "item_popularity", "item_trending_score",
+]
+CANDIDATE_COLUMNS = [*(f"{s}_rank" for s in SOURCES), *(f"{s}_score_z" for s in SOURCES),
+                     "fused_score", "pool_rank", "n_sources"]
+HISTORY_COLUMNS = ["category_affinity", "days_since_category", "user_history_events"]
+FEATURE_COLUMNS = [*CANDIDATE_COLUMNS, *HISTORY_COLUMNS, *USER_NUMERIC, *ITEM_NUMERIC, *CONTEXT_FEATURE_COLUMNS]
+
+
+def category_state(history: pd.DataFrame, user_ids: Sequence[str], item_category: pd.Series,
+                   at: pd.Timestamp) -> pd.DataFrame:
+    """Per (user, category): share of the user's events before ``at`` in it and days since the last one.
+
+    ``item_category`` maps item id -> category. Returns columns ``user_id, category, category_affinity,
+    days_since_category, user_history_events``.
+    """
+    wanted = pd.Index([str(u) for u in user_ids])
+    h = history[(history[TIMESTAMP] < at)]
+    h = h[wanted.get_indexer(h[USER_ID].astype(str)) >= 0]
+    if not len(h):
+        return pd.DataFrame(columns=[USER_ID, "category", *HISTORY_COLUMNS])
+    frame = pd.DataFrame({USER_ID: h[USER_ID].astype(str).to_numpy(),
+                          "category": h[ITEM_ID].astype(str).map(item_category).fillna("unknown").to_numpy(),
+                          TIMESTAMP: pd.to_datetime(h[TIMESTAMP], utc=True).to_numpy()})
+    grouped = frame.groupby([USER_ID, "category"], sort=False)[TIMESTAMP].agg(["size", "max"]).reset_index()
+    totals = grouped.groupby(USER_ID)["size"].transform("sum")
+    grouped["category_affinity"] = grouped["size"] / totals
+    grouped["days_since_category"] = (at - pd.to_datetime(grouped["max"], utc=True)).dt.total_seconds() \
+        / SECONDS_PER_DAY
+    grouped["user_history_events"] = totals.astype(float)
+    return grouped[[USER_ID, "category", *HISTORY_COLUMNS]]
+
+
+def _zscore(values: pd.Series, query: pd.Series) -> np.ndarray:
+    grouped = values.groupby(query)
+    mean, std = grouped.transform("mean"), grouped.transform("std", ddof=0)
+    return ((values - mean) / std.where(std > 0, 1.0)).to_numpy(dtype=np.float32)
+
+
+def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, item_rows: pd.DataFrame | None,
+                      requests: pd.DataFrame, categories: pd.DataFrame | None) -> pd.DataFrame:
+    """Feature rows of ``candidates`` (one per row, same order and index).
+
+    Args:
+        candidates: ``query_id``, ``user_id``, ``item_id``, ``category`` (the item's) and the pool columns of
+            :func:`pipeline_tasks.online.candidates.fuse` (``{source}_rank``, ``{source}_score``,
+            ``fused_score``, ``pool_rank``, ``n_sources``).
+        user_rows: Feast user features valid at the request, one row per ``user_id`` (None: unknown).
+        item_rows: Feast item features valid at the request, one row per ``item_id`` (None: unknown).
+        requests: one row per ``query_id``: ``request_timestamp``, ``device``, ``location``.
+        categories: :func:`category_state` of the queries' users at the request time.
+
+    Returns:
+        :data:`FEATURE_COLUMNS` as float32.
+    """
+    n = len(candidates)
+    out = pd.DataFrame(index=candidates.index)
+    query = candidates[QUERY_ID].reset_index(drop=True)
+    for s in SOURCES:
+        rank = candidates.get(f"{s}_rank")
+        out[f"{s}_rank"] = rank.to_numpy(dtype=np.float32) if rank is not None else np.nan
+        score = candidates.get(f"{s}_score")
+        out[f"{s}_score_z"] = (_zscore(score.reset_index(drop=True).astype(float), query)
+                               if score is not None else np.nan)
+    for col in ("fused_score", "pool_rank", "n_sources"):
+        out[col] = candidates[col].to_numpy(dtype=np.float32)
+
+    keys = pd.DataFrame({USER_ID: candidates[USER_ID].astype(str).to_numpy(),
+                         ITEM_ID: candidates[ITEM_ID].astype(str).to_numpy(),
+                         "category": candidates["category"].astype(str).to_numpy(), QUERY_ID: query.to_numpy()})
+    if categories is not None and len(categories):
+        hist = keys.merge(categories, on=[USER_ID, "category"], how="left")
+        totals = categories.drop_duplicates(USER_ID).set_index(USER_ID)["user_history_events"]
+        hist["user_history_events"] = keys[USER_ID].map(totals).to_numpy()
+        hist["category_affinity"] = hist["category_affinity"].fillna(0.0)
+        for col in HISTORY_COLUMNS:
+            out[col] = hist[col].to_numpy(dtype=np.float32)
+    else:
+        for col in HISTORY_COLUMNS:
+            out[col] = np.float32(0.0) if col != "days_since_category" else np.nan
+
+    def aligned(rows: pd.DataFrame | None, key: str) -> pd.DataFrame:
+        if rows is None or not len(rows):
+            return pd.DataFrame(index=range(n))
+        table = rows.assign(**{key: rows[key].astype(str)}).drop_duplicates(key, keep="last").set_index(key)
+        return table.reindex(keys[key]).reset_index(drop=True)
+
+    users, items = aligned(user_rows, USER_ID), aligned(item_rows, ITEM_ID)
+    for cols, table in ((USER_NUMERIC, users), (ITEM_NUMERIC, items)):
+        for col in cols:
+            out[col] = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float32) if col in table \
+                else np.nan
+    req = requests.assign(**{QUERY_ID: requests[QUERY_ID]}).set_index(QUERY_ID).reindex(keys[QUERY_ID])
+    req = req.reset_index(drop=True)
+    context = context_features(req[[c for c in (REQUEST_TIMESTAMP, "device", "location") if c in req]],
+                               users.drop(columns=["event_timestamp"], errors="ignore"),
+                               items.drop(columns=["event_timestamp"], errors="ignore"))
+    for col in CONTEXT_FEATURE_COLUMNS:
+        out[col] = context[col].to_numpy(dtype=np.float32)
+    return out[FEATURE_COLUMNS].astype(np.float32)

@@ -1,0 +1,250 @@
+"""Two-stage recommendations from a fit (two-tower, item graph, candidate config, ranker): the one request path.
+
+The ranking set, the offline evaluation, ``recsys recommend`` and the service all go through
+:func:`candidate_blocks` (candidates + feature rows for a block of users at a moment) and :func:`rank_block`
+(ranker scores, optional business rules, top k), so they cannot drift apart.
+
+A fit directory holds ``two_tower/`` (:mod:`pipeline_tasks.online.two_tower`), ``item_graph/``
+(:class:`ItemGraph`), ``candidates.json`` (:class:`CandidateConfig`), ``ranker.txt`` (LightGBM) and
+``fit.json`` (windows, features, params).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
+from pipeline_tasks.online.candidates import (
+    BLOCK_CELLS,
+    SOURCES,
+    CandidateConfig,
+    ItemGraph,
+    ItemTable,
+    UserHistory,
+    fuse,
+    item_counts,
+    source_lists,
+    top_k,
+)
+from pipeline_tasks.online.ranking_features import FEATURE_COLUMNS, QUERY_ID, assemble_features, category_state
+from pipeline_tasks.online.rules import apply_rules
+
+log = logging.getLogger(__name__)
+
+FIT_FILE = "fit.json"
+RANKER_FILE = "ranker.txt"
+
+
+@dataclass
+class Fit:
+    """A loaded fit: everything to turn (history, features at a moment) into ranked lists."""
+
+    model: Any  # TwoTowerModel | None
+    graph: ItemGraph
+    config: CandidateConfig
+    ranker: Any = None  # lightgbm.Booster | None
+    info: dict[str, Any] | None = None
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self.graph.item_ids
+
+    def save(self, out_dir: str | Path, info: dict[str, Any]) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.model is not None:
+            self.model.save(out / "two_tower")
+        self.graph.save(out / "item_graph")
+        (out / "candidates.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        if self.ranker is not None:
+            self.ranker.save_model(str(out / RANKER_FILE))
+        (out / FIT_FILE).write_text(json.dumps({**info, "features": FEATURE_COLUMNS}, indent=2, default=str))
+        return out
+
+
+def load_fit(fit_dir: str | Path) -> Fit:
+    """Load a fit written by :meth:`Fit.save`."""
+    from pipeline_tasks.online.two_tower import load_model
+
+    d = Path(fit_dir)
+    model = load_model(d / "two_tower") if (d / "two_tower").exists() else None
+    ranker = None
+    if (d / RANKER_FILE).exists():
+        import lightgbm as lgb
+
+        ranker = lgb.Booster(model_file=str(d / RANKER_FILE))
+    info = json.loads((d / FIT_FILE).read_text()) if (d / FIT_FILE).exists() else {}
+    config = CandidateConfig.from_params(json.loads((d / "candidates.json").read_text()))
+    return Fit(model, ItemGraph.load(d / "item_graph"), config, ranker, info)
+
+
+@dataclass
+class Moment:
+    """What is known at a request time: events before it, the catalog, and Feast rows valid at it."""
+
+    at: pd.Timestamp
+    history: pd.DataFrame  # interactions before `at` (later rows are ignored)
+    items: pd.DataFrame  # contract items table (servability, categories)
+    users: pd.DataFrame | None = None  # contract users table (demographics, location)
+    user_rows: pd.DataFrame | None = None  # Feast ranker_v1 user rows at `at`
+    item_rows: pd.DataFrame | None = None  # Feast ranker_v1 item rows at `at`
+    requests: pd.DataFrame | None = None  # optional per-user device / location of the request
+
+
+@dataclass
+class Block:
+    """One block of users: their pool with feature rows, and what ranking needs to fill and filter."""
+
+    user_ids: list[str]
+    pool: pd.DataFrame  # query_id, user_id, item_id, category, pool columns
+    features: pd.DataFrame  # FEATURE_COLUMNS aligned to pool
+    popularity_fill: dict[str, list[str]]  # per user: popular allowed unseen items, best first
+    cold: set[str]  # users without history before the moment
+    source_lists: dict[str, tuple[np.ndarray, np.ndarray]]  # each source's own top lists (catalog indices)
+
+
+def _requests(moment: Moment, user_ids: Sequence[str]) -> pd.DataFrame:
+    """One request per user at the moment: device and location of their latest event (or the given ones)."""
+    req = pd.DataFrame({QUERY_ID: list(user_ids), "request_timestamp": moment.at})
+    if moment.requests is not None:
+        given = moment.requests.assign(**{USER_ID: moment.requests[USER_ID].astype(str)})
+        given = given.drop_duplicates(USER_ID, keep="last").set_index(USER_ID)
+        for col in ("device", "location"):
+            req[col] = given[col].reindex(req[QUERY_ID]).to_numpy() if col in given else None
+        return req
+    h = moment.history[moment.history[TIMESTAMP] < moment.at]
+    h = h[h[USER_ID].astype(str).isin(set(user_ids))]
+    latest = h.sort_values(TIMESTAMP, kind="stable").drop_duplicates(USER_ID, keep="last")
+    latest = latest.set_index(latest[USER_ID].astype(str))
+    for col in ("device", "location"):
+        req[col] = latest[col].reindex(req[QUERY_ID]).to_numpy() if col in latest else None
+    return req
+
+
+def candidate_blocks(fit: Fit, moment: Moment, user_ids: Sequence[str], fill_k: int = 0,
+                     block_users: int | None = None) -> Iterator[Block]:
+    """The pool and feature rows of each block of ``user_ids`` at ``moment`` (one query per user)."""
+    ids = [str(u) for u in user_ids]
+    cfg = fit.config
+    catalog = ItemTable.build(moment.items, fit.item_ids, moment.at)
+    hist = moment.history[moment.history[TIMESTAMP] < moment.at]
+    trending = item_counts(hist, fit.item_ids, moment.at, days=cfg.trending_days)
+    popularity = item_counts(hist, fit.item_ids, moment.at)
+    item_vectors = fit.model.item_embeddings(moment.item_rows) if fit.model is not None else None
+    category = pd.Series(catalog.category, index=fit.item_ids)
+    step = block_users or max(1, BLOCK_CELLS // max(len(fit.item_ids), 1))
+    for start in range(0, len(ids), step):
+        chunk = ids[start:start + step]
+        history = UserHistory.build(hist, chunk, fit.item_ids, moment.at, cfg, moment.users)
+        user_vectors = None
+        if fit.model is not None:
+            user_vectors = fit.model.user_embeddings(chunk, hist, moment.user_rows, moment.users)
+        lists = source_lists(user_vectors, item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
+                             trending, popularity, cfg)
+        pool = fuse(lists, cfg)
+        pool.insert(0, QUERY_ID, np.asarray(chunk, dtype=object)[pool["row"].to_numpy()])
+        pool.insert(1, USER_ID, pool[QUERY_ID])
+        pool.insert(2, ITEM_ID, np.asarray(fit.item_ids, dtype=object)[pool["item"].to_numpy()])
+        pool["category"] = catalog.category[pool["item"].to_numpy()]
+        fill: dict[str, list[str]] = {}
+        if fill_k > cfg.pool_size or (lists.lists.get("popularity") is None and fill_k):
+            allowed = catalog.allowed_for(history.region) & (history.seen.toarray() == 0)
+            idx, _ = top_k(np.broadcast_to(popularity, allowed.shape), allowed, fill_k, positive_only=False)
+            fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
+        elif "popularity" in lists.lists:
+            idx = lists.lists["popularity"][0]
+            fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
+        cold = {u for u, n in zip(chunk, np.diff(history.seen.indptr), strict=True) if n == 0}
+        features = assemble_features(pool, moment.user_rows, moment.item_rows, _requests(moment, chunk),
+                                     category_state(hist, chunk, category, moment.at))
+        yield Block(chunk, pool, features, fill, cold, lists.lists)
+
+
+def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = "ranker",
+               age_days: pd.Series | None = None) -> dict[str, list[tuple[str, float]]]:
+    """Each user's top ``k`` ``(item_id, score)`` of a block.
+
+    ``order`` is ``ranker`` (the fit's LightGBM scores), ``pool`` (fused pool order) or a source name
+    (that source's score). With ``rules`` the business rules reorder the ranker's list (category cap,
+    freshness, dedup; :mod:`pipeline_tasks.online.rules`). A list shorter than ``k`` is filled from
+    popularity; cold users get the trending order.
+    """
+    pool = block.pool
+    if order == "ranker":
+        if fit.ranker is None:
+            raise ValueError("this fit has no ranker; use order='pool'")
+        score = fit.ranker.predict(block.features[FEATURE_COLUMNS].to_numpy(np.float32), num_threads=1)
+    elif order == "pool":
+        score = pool["fused_score"].to_numpy()
+    elif order in SOURCES:
+        score = np.where(pool[f"{order}_rank"].notna(), -pool[f"{order}_rank"].to_numpy(dtype=float), -np.inf)
+    else:
+        raise ValueError(f"order={order!r}: use 'ranker', 'pool' or one of {SOURCES}")
+    frame = pd.DataFrame({USER_ID: pool[USER_ID].to_numpy(), ITEM_ID: pool[ITEM_ID].to_numpy(), "score": score,
+                          "trend": pool["trending_rank"].to_numpy(dtype=float), "category": pool["category"]})
+    if order in SOURCES:
+        frame = frame[np.isfinite(frame["score"])]
+    frame = frame.sort_values([USER_ID, "score"], ascending=[True, False], kind="stable")
+    out: dict[str, list[tuple[str, float]]] = {}
+    for user, group in frame.groupby(USER_ID, sort=False):
+        if user in block.cold:
+            group = group[group["trend"].notna()].sort_values("trend", kind="stable")
+            items, scores = group[ITEM_ID].tolist(), (-group["trend"].to_numpy()).tolist()
+        elif rules:
+            ages = age_days.reindex(group[ITEM_ID]).to_numpy(dtype=float) if age_days is not None \
+                else np.full(len(group), np.nan)
+            items, boosted = apply_rules(group[ITEM_ID].tolist(), group["score"].to_numpy(dtype=float),
+                                         group["category"].tolist(), ages)
+            scores = list(np.asarray(boosted, dtype=float))
+        else:
+            items, scores = group[ITEM_ID].tolist(), group["score"].tolist()
+        out[str(user)] = list(zip(items[:k], scores[:k], strict=True))
+    for user in block.user_ids:
+        have = out.setdefault(user, [])
+        if len(have) < k:
+            taken = {i for i, _ in have}
+            low = min((s for _, s in have), default=0.0)
+            extra = [i for i in block.popularity_fill.get(user, []) if i not in taken][:k - len(have)]
+            have.extend((i, float(low) - 1.0 - j) for j, i in enumerate(extra))
+    return out
+
+
+def item_age_days(items: pd.DataFrame, at: pd.Timestamp) -> pd.Series:
+    """Days from each item's ``created_at`` to ``at`` (NaN when unknown), by item id: the freshness rule's age."""
+    created = pd.to_datetime(items["created_at"], utc=True) if "created_at" in items else \
+        pd.Series(pd.NaT, index=items.index)
+    age = (at - created).dt.total_seconds() / 86_400.0
+    return pd.Series(age.to_numpy(), index=items[ITEM_ID].astype(str).to_numpy())
+
+
+RULES_ORDER = "ranker+rules"
+
+
+def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int,
+                 orders: Sequence[str] = ("ranker",)) -> dict[str, dict[str, list[tuple[str, float]]]]:
+    """Each order's top ``k`` per user at ``moment``: ``ranker``, ``ranker+rules``, ``pool`` or a source name
+    (that source's own list, before fusion), all from the same blocks."""
+    out: dict[str, dict[str, list[tuple[str, float]]]] = {o: {} for o in orders}
+    ages = item_age_days(moment.items, moment.at)
+    for block in candidate_blocks(fit, moment, user_ids, fill_k=k):
+        for order in orders:
+            if order in SOURCES:
+                idx, scores = block.source_lists.get(order, (np.full((len(block.user_ids), 0), -1), None))
+                for row, user in enumerate(block.user_ids):
+                    ok = idx[row] >= 0
+                    items = [fit.item_ids[i] for i in idx[row][ok]][:k]
+                    out[order][user] = list(zip(items, np.asarray(scores[row][ok], float).tolist(), strict=True)) \
+                        if scores is not None else []
+                continue
+            rules = order == RULES_ORDER
+            out[order].update(rank_block(fit, block, k, rules=rules, order="ranker" if rules else order,
+                                         age_days=ages))
+    return out

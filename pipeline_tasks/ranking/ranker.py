@@ -1,0 +1,193 @@
+"""The LightGBM lambdarank ranker: training with query groups, and an Optuna study over its hyper-parameters.
+
+The study (TPE sampler, median pruning through optuna-integration's LightGBM callback) maximises NDCG@10 on a
+by-user holdout of the ranking set's queries; its storage is a SQLite file under ``$RECSYS_HOME/optuna/`` named
+by the run, so a retried task resumes the study instead of starting over. The final ranker is trained on all
+queries with the best parameters for the holdout's best iteration count.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from pipeline_tasks.core.constants import SEED
+from pipeline_tasks.core.errors import InvalidParamsError
+from pipeline_tasks.online.ranking_features import FEATURE_COLUMNS, QUERY_ID
+from pipeline_tasks.ranking.dataset import LABEL
+
+log = logging.getLogger(__name__)
+
+# LightGBM's documented lambdarank defaults, the study's first trial (so a tiny budget still gives a sane model).
+BASE_PARAMS: dict[str, Any] = {"learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
+                               "feature_fraction": 0.9, "bagging_fraction": 0.9, "lambda_l2": 1e-3}
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """The ranker's training and tuning settings (DAG param ``ranker``)."""
+
+    n_trials: int = 20
+    timeout_s: float = 600.0  # the study stops starting trials after this many seconds
+    holdout_share: float = 0.2  # share of the queries' users held out for early stopping and the study
+    max_rounds: int = 500
+    early_stopping_rounds: int = 30
+    num_threads: int = 0  # 0: LightGBM's default (all cores)
+    seed: int = SEED
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout_share < 1:
+            raise InvalidParamsError(f"ranker.holdout_share={self.holdout_share}: use a share in (0, 1)")
+        if self.n_trials < 1 or self.max_rounds < 1:
+            raise InvalidParamsError("ranker.n_trials and ranker.max_rounds must be >= 1")
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any] | None) -> RankerConfig:
+        p = dict(p or {})
+        unknown = set(p) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidParamsError(f"unknown ranker params {sorted(unknown)}; known: "
+                                     f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_ranking_set(path: str | Path) -> pd.DataFrame:
+    """A ranking set sorted by query (LightGBM groups are contiguous runs of one query's rows)."""
+    df = pd.read_parquet(path)
+    return df.sort_values(QUERY_ID, kind="stable").reset_index(drop=True)
+
+
+def positive_queries(df: pd.DataFrame) -> pd.DataFrame:
+    """Only the queries with at least one positive label (the others carry no ranking signal)."""
+    keep = df.groupby(QUERY_ID)[LABEL].transform("max") > 0
+    return df[keep].reset_index(drop=True)
+
+
+def split_by_user(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, holdout): whole queries, a seeded ``share`` of them held out."""
+    queries = np.sort(df[QUERY_ID].unique())
+    rng = np.random.default_rng(seed)
+    n_hold = max(1, int(round(share * len(queries)))) if len(queries) > 1 else 0
+    held = set(rng.choice(queries, size=n_hold, replace=False)) if n_hold else set()
+    mask = df[QUERY_ID].isin(held).to_numpy()
+    return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
+
+
+def _dataset(df: pd.DataFrame, reference: lgb.Dataset | None = None) -> lgb.Dataset:
+    groups = df.groupby(QUERY_ID, sort=False).size().to_numpy()
+    return lgb.Dataset(df[FEATURE_COLUMNS].to_numpy(np.float32), label=df[LABEL].to_numpy(),
+                       group=groups, feature_name=FEATURE_COLUMNS, reference=reference, free_raw_data=False)
+
+
+def lgb_params(params: Mapping[str, Any], config: RankerConfig) -> dict[str, Any]:
+    """Full LightGBM parameters: lambdarank with NDCG@10, deterministic with the seed."""
+    return {"objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "verbosity": -1,
+            "seed": config.seed, "deterministic": True, "force_col_wise": True, "bagging_freq": 1,
+            "num_threads": config.num_threads, **params}
+
+
+def train_ranker(train: pd.DataFrame, params: Mapping[str, Any], config: RankerConfig,
+                 holdout: pd.DataFrame | None = None, rounds: int | None = None,
+                 callbacks: list[Any] | None = None) -> tuple[lgb.Booster, dict[str, Any]]:
+    """A lambdarank booster; with ``holdout``, early stopping on its NDCG@10. Returns the booster and its figures."""
+    started = time.perf_counter()
+    dtrain = _dataset(train)
+    evals: dict[str, Any] = {}
+    valid_sets, cbs = [], list(callbacks or [])
+    if holdout is not None and len(holdout):
+        valid_sets = [_dataset(holdout, reference=dtrain)]
+        cbs += [lgb.early_stopping(config.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)]
+    booster = lgb.train(lgb_params(params, config), dtrain, num_boost_round=rounds or config.max_rounds,
+                        valid_sets=valid_sets, valid_names=["holdout"][:len(valid_sets)], callbacks=cbs)
+    curve = evals.get("holdout", {}).get("ndcg@10", [])
+    info = {"best_iteration": int(booster.best_iteration or booster.current_iteration()),
+            "holdout_ndcg@10": float(max(curve)) if curve else None, "seconds": round(time.perf_counter() - started, 2),
+            "rows": len(train), "queries": int(train[QUERY_ID].nunique())}
+    return booster, info
+
+
+def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, study_name: str
+                ) -> dict[str, Any]:
+    """Run (or resume) the Optuna study; returns best params, value, iteration and the trials table."""
+    import optuna
+    from optuna_integration import LightGBMPruningCallback
+
+    train, holdout = split_by_user(positive_queries(df), config.holdout_share, config.seed)
+    if not len(train) or not len(holdout):
+        raise ValueError(f"the ranking set has too few queries with a positive label ({df[QUERY_ID].nunique()} "
+                         "queries) to tune a ranker; give the run more data or a longer validation window")
+    Path(storage).parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name, storage=f"sqlite:///{storage}", direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=config.seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=20),
+                                load_if_exists=True)
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    if not done:
+        study.enqueue_trial(BASE_PARAMS)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {
+            "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.2, log=True),
+            "num_leaves": trial.suggest_int("num_leaves", 7, 127, log=True),
+            "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 10, 200, log=True),
+            "feature_fraction": trial.suggest_float("feature_fraction", 0.5, 1.0),
+            "bagging_fraction": trial.suggest_float("bagging_fraction", 0.5, 1.0),
+            "lambda_l2": trial.suggest_float("lambda_l2", 1e-3, 10.0, log=True),
+        }
+        _, info = train_ranker(train, params, config, holdout=holdout,
+                               callbacks=[LightGBMPruningCallback(trial, "ndcg@10", valid_name="holdout")])
+        trial.set_user_attr("best_iteration", info["best_iteration"])
+        return float(info["holdout_ndcg@10"] or 0.0)
+
+    remaining = max(0, config.n_trials - len(done))
+    if remaining:
+        study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, gc_after_trial=True)
+    else:
+        log.info("study %s already has %d finished trials: resumed, nothing left to run", study_name, len(done))
+    best = study.best_trial
+    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
+    log.info("ranker study %s: best holdout NDCG@10 %.4f in trial %d of %d: %s", study_name, best.value,
+             best.number, len(study.trials), best.params)
+    return {"best_params": dict(best.params), "best_value": float(best.value),
+            "best_iteration": int(best.user_attrs.get("best_iteration", config.max_rounds)),
+            "n_trials": len(study.trials), "study": study, "trials": trials,
+            "train_queries": int(train[QUERY_ID].nunique()), "holdout_queries": int(holdout[QUERY_ID].nunique())}
+
+
+def study_plots(study: Any, out_dir: str | Path) -> dict[str, str]:
+    """The study's optimisation history and parameter importances as standalone HTML files."""
+    import optuna.visualization as vis
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fn in (("optimization_history", vis.plot_optimization_history),
+                     ("param_importances", vis.plot_param_importances)):
+        try:
+            fig = fn(study)
+        except (ValueError, RuntimeError) as exc:  # importances need >= 2 completed trials
+            log.warning("study plot %s skipped: %s", name, exc)
+            continue
+        path = out / f"{name}.html"
+        fig.write_html(str(path), include_plotlyjs=True)
+        paths[name] = str(path)
+    return paths
+
+
+def feature_importance(booster: lgb.Booster) -> pd.DataFrame:
+    """Gain and split importance per feature, by gain."""
+    return pd.DataFrame({"feature": booster.feature_name(),
+                         "gain": booster.feature_importance("gain"),
+                         "split": booster.feature_importance("split")}).sort_values("gain", ascending=False)

@@ -1,0 +1,126 @@
+"""Candidate sources, servability filters and the fused pool (pure logic, small hand-made catalogs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline_tasks.core.errors import InvalidParamsError
+from pipeline_tasks.online.candidates import (
+    SOURCES,
+    CandidateConfig,
+    ItemTable,
+    UserHistory,
+    build_item_graph,
+    fuse,
+    item_counts,
+    source_lists,
+    top_k,
+)
+
+AT = pd.Timestamp("2025-01-10", tz="UTC")
+
+
+def _ts(day: int) -> pd.Timestamp:
+    return pd.Timestamp("2025-01-01", tz="UTC") + pd.Timedelta(days=day)
+
+
+@pytest.fixture
+def catalog() -> pd.DataFrame:
+    return pd.DataFrame({
+        "item_id": [f"i{n}" for n in range(8)],
+        "category": ["a", "a", "b", "b", "c", None, "c", "a"],
+        "created_at": [_ts(0)] * 6 + [_ts(20), pd.NaT],  # i6 created after AT; i7 unknown creation
+        "available": [True, True, True, False, True, True, True, True],  # i3 unavailable
+        "regions": [None, None, "DE", None, None, "US|FR", None, None],  # i2 DE only, i5 US/FR only
+    })
+
+
+@pytest.fixture
+def history() -> pd.DataFrame:
+    rows = [("u1", "i0", 1), ("u1", "i1", 2), ("u2", "i0", 3), ("u2", "i1", 4), ("u2", "i4", 5),
+            ("u3", "i4", 6), ("u3", "i5", 7), ("u4", "i0", 8)]
+    return pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                         "timestamp": [_ts(r[2]) for r in rows], "event_type": "view",
+                         "location": ["DE", "DE", "US", "US", "US", "FR", "FR", None]})
+
+
+def test_servability(catalog):
+    table = ItemTable.build(catalog, catalog["item_id"], AT)
+    assert table.servable.tolist() == [True, True, True, False, True, True, False, True]
+    allowed = table.allowed_for(["DE", "US", None])
+    assert allowed[0, 2] and not allowed[1, 2] and not allowed[2, 2]  # DE-only item
+    assert allowed[1, 5] and not allowed[0, 5]  # US|FR item
+    assert not allowed[:, 3].any() and not allowed[:, 6].any()  # unavailable, created after the request
+    assert table.category[5] == "unknown"
+    # an id the items table lacks is never servable
+    assert not ItemTable.build(catalog, ["i0", "zz"], AT).servable[1]
+
+
+def test_user_history_recency_and_region(history, catalog):
+    cfg = CandidateConfig(recent_items=1, recency_half_life_days=1.0)
+    h = UserHistory.build(history, ["u1", "u3", "new"], catalog["item_id"], AT, cfg)
+    assert h.seen[0].indices.tolist() == [0, 1] and h.seen[2].nnz == 0
+    assert h.recent[0].nnz == 1 and h.recent[0].indices.tolist() == [1]  # only the most recent item
+    assert h.recent[0].data[0] == pytest.approx(0.5 ** 7)  # 7 days old, half-life 1 day
+    assert h.region == ["DE", "FR", None]
+    later = history.assign(timestamp=history["timestamp"] + pd.Timedelta(days=30))
+    assert UserHistory.build(later, ["u1"], catalog["item_id"], AT, cfg).seen.nnz == 0  # events after AT ignored
+
+
+def test_item_graph_cooccurrence_and_cold_content(history, catalog):
+    content = np.eye(8, dtype=np.float32)
+    content[7] = content[0]  # i7 (no events: cold) has i0's content
+    graph = build_item_graph(history, catalog["item_id"], content, CandidateConfig(cold_item_events=1))
+    co = graph.cooccurrence.toarray()
+    assert co[0, 1] > 0 and co[0, 1] == pytest.approx(co[1, 0]) and co[0, 0] == 0
+    assert co[0, 5] == 0  # never together
+    assert graph.content.toarray()[0, 7] == pytest.approx(1.0)  # cold item reached through content
+    assert graph.content.toarray()[0, 1] == 0  # warm items are not content candidates
+
+
+def test_top_k_skips_disallowed_and_pads():
+    scores = np.array([[0.1, 0.9, 0.5, -1.0]], dtype=np.float32)
+    allowed = np.array([[True, False, True, True]])
+    idx, vals = top_k(scores, allowed, 5, positive_only=True)
+    assert idx[0].tolist() == [2, 0, -1, -1, -1] and np.isnan(vals[0, 2:]).all()
+    idx, _ = top_k(scores, allowed, 3, positive_only=False)
+    assert idx[0].tolist() == [2, 0, 3]
+
+
+def test_pool_is_unique_servable_unseen_and_keeps_source_ranks(history, catalog):
+    cfg = CandidateConfig(pool_size=4, cold_item_events=1)
+    ids = catalog["item_id"].tolist()
+    graph = build_item_graph(history, ids, np.eye(8, dtype=np.float32), cfg)
+    table = ItemTable.build(catalog, ids, AT)
+    users = ["u1", "u4", "cold"]
+    h = UserHistory.build(history, users, ids, AT, cfg)
+    rng = np.random.default_rng(0)
+    lists = source_lists(rng.normal(size=(3, 4)), rng.normal(size=(8, 4)), h, slice(0, 3), graph, table,
+                         item_counts(history, ids, AT, days=7), item_counts(history, ids, AT), cfg)
+    pool = fuse(lists, cfg)
+    assert set(lists.lists) == set(SOURCES)
+    for row, user in enumerate(users):
+        got = pool[pool["row"] == row]
+        assert got["item"].is_unique and len(got) <= 4
+        assert got["pool_rank"].tolist() == list(range(1, len(got) + 1))
+        seen = set(h.seen[row].indices)
+        assert not seen & set(got["item"])
+        assert table.allowed_for([h.region[row]])[0, got["item"]].all()
+        assert (got["fused_score"].diff().dropna() <= 0).all()
+    # every candidate's source columns: a rank where the source returned it
+    assert (pool["n_sources"] == pool[[f"{s}_rank" for s in SOURCES]].notna().sum(axis=1)).all()
+    # u1 saw i0 and i1: co-occurrence brings u2's i4
+    u1 = pool[pool["row"] == 0]
+    assert 4 in u1.loc[u1["i2i_rank"].notna(), "item"].tolist()
+
+
+def test_config_refuses_unknown_params():
+    with pytest.raises(InvalidParamsError, match="unknown candidates params"):
+        CandidateConfig.from_params({"pool": 5})
+    with pytest.raises(InvalidParamsError, match="unknown sources"):
+        CandidateConfig.from_params({"weights": {"magic": 1.0}})
+    with pytest.raises(InvalidParamsError, match="pool_size"):
+        CandidateConfig(pool_size=0)
+    assert CandidateConfig.from_params({"weights": {"i2i": 3.0}}).weights["two_tower"] == 1.0
