@@ -1,20 +1,26 @@
 """
 ### recsys_item_refresh — make new catalog items retrievable within the hour, without retraining
 
-Hourly. Reads the catalog (by default the data source of the training run whose model is serving),
-finds items that the current FAISS index version does not hold, embeds them with that model's
-item tower from their content (title, description), category and genres — no interactions needed —
-and publishes the next index version under `$RECSYS_HOME/indexes/<model run>/v000N/` with its own
-SHA-256, pointing back at its parent. Published versions are never edited. It takes the same index
-lock as `recsys_training`'s `build_index`, so the two never write at once.
+Hourly. What is served is decided by the MLflow registry's aliases alone (`champion`, `challenger` of each
+`recsys_<namespace>` model), and a registered bundle is never edited. For every version a live alias points at,
+the refresh reads the catalog (by default the data source that version's training run recorded), finds items
+its serving index lacks, embeds them with that bundle's own serving item tower from their content (title,
+description), category and genres — no interactions needed — and writes the next extension of its index under
+`$RECSYS_HOME/indexes/recsys_<namespace>/v<version>/r0001/`, `r0002/` ... with its own SHA-256 and a `parent`
+naming the bundle version and the checksums of what it extends (the bundle's `index/` or the previous
+extension). Serving loads the newest extension whose chain verifies back to the bundle; extensions are written
+complete under a temporary name and never overwritten or edited. Moving an alias switches serving to that
+version's own chain at once; the refresh takes the index lock, so two refreshes never write at once.
 
-- `refresh_items` -> `$RECSYS_HOME/runs/<run>/refresh_items/` (`added_items.parquet`,
-  `rejected_items.parquet` for rows with an invalid or duplicate id) and the run's `manifest.json`.
-  Skipped when no index exists yet (run `recsys_training` first); succeeds without a new version
-  when there is nothing new.
+- `refresh_items` -> `$RECSYS_HOME/runs/<run>/refresh_items/` (`added_items.parquet` with the model and version
+  each item went to, `rejected_items.parquet` for rows with an invalid or duplicate id) and the run's
+  `manifest.json` (overall `status`, `added`, one entry per aliased version under `aliases`).
+  Skipped when no champion/challenger exists yet (run `recsys_training` first); succeeds without a new extension
+  when there is nothing new. A broken or corrupted extension chain fails the task at once (the error says which
+  directory to move away); the other aliases are still refreshed first.
 
-**Params**: `source` — a contract directory, an items file (`.parquet`/`.csv`) or a built-in source;
-empty = the serving model's training source.
+**Params**: `source` — a contract directory, an items file (`.parquet`/`.csv`) or a built-in source, used for
+every alias; empty = each bundle's training source.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from airflow.sdk import Param, dag, task
 from airflow.sdk.exceptions import AirflowSkipException
 from recsys_common import RETRY_ARGS, fail_fast
 
-# Transient failures (a busy lock, I/O) retry; a corrupted index or a published version in the way fails at once.
+# Transient failures (a busy lock, I/O) retry; a corrupted index chain or an extension in the way fails at once.
 DEFAULT_ARGS = {**RETRY_ARGS, "execution_timeout": timedelta(minutes=50)}  # done before the next hourly run
 
 
@@ -38,19 +44,20 @@ DEFAULT_ARGS = {**RETRY_ARGS, "execution_timeout": timedelta(minutes=50)}  # don
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     params={"source": Param(None, type=["null", "string"],
-                            description="catalog: contract dir, items file or built-in source; empty = the "
-                                        "serving model's training source")},
+                            description="catalog: contract dir, items file or built-in source; empty = each "
+                                        "live bundle's training source")},
     tags=["recsys", "serving", "items"],
     doc_md=__doc__,
 )
 def recsys_item_refresh() -> None:
-    @task(doc_md="Embed items the current index lacks (item tower, cold start) and publish the next index version.")
+    @task(doc_md="For every champion/challenger bundle: embed the catalog items its serving index lacks (item "
+                 "tower, cold start) and write the next index extension.")
     @fail_fast
     def refresh_items(params: dict | None = None, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.retrieval import refresh_items_stage
 
         out = refresh_items_stage(run_id, params)
-        if out["status"] == "no_index":
+        if out["status"] == "no_model":
             raise AirflowSkipException(out["message"])
         return out
 

@@ -329,7 +329,7 @@ def refresh(
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="print every log line of the run (always written to the full log file)")] = False,
 ) -> None:
-    """Run the recsys_item_refresh DAG once: embed new catalog items and publish the next index version."""
+    """Run the recsys_item_refresh DAG once: add new catalog items to the index of every champion/challenger bundle."""
     _setup_logging(verbose)
     settings = load_settings()
     conf = {"source": _source_option(source)} if source else {}

@@ -58,7 +58,8 @@ class Settings:
 
     @property
     def index_dir(self) -> Path:
-        """Long-lived FAISS index versions (``<model run>/v0001/ ...``) and the ``current.json`` pointer."""
+        """Long-lived extensions of registered bundles' FAISS indexes written by the item refresh
+        (``<model>/v<version>/r0001/ ...``) and the index writers' lock; a bundle's own index lives in the bundle."""
         return self.home / "indexes"
 
     @property

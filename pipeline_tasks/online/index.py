@@ -4,7 +4,14 @@
 A version is a directory with ``index.faiss``, ``item_ids.parquet`` (row i = vector i) and
 ``index.json`` (figures, checksums, parent). :func:`load_index` refuses files whose SHA-256 differs
 from ``index.json``; :class:`ItemIndex` searches by inner product over L2-normalised embeddings,
-excluding given items; :func:`current_index` reads the pointer to the version serving loads.
+excluding given items.
+
+What is served comes from a registered bundle (:mod:`pipeline_tasks.online.bundle`): its own ``index/``, or the
+newest *extension* of it that the hourly item refresh wrote under
+``$RECSYS_HOME/indexes/<model>/v<version>/r0001/``, ``r0002/`` ... (:func:`extension_dir`). Each extension is the
+previous version plus new items, with its own checksums and a ``parent`` (``index_dir``, ``sha256``, ``bundle``)
+pointing back at what it extends; :func:`serving_index_dir` verifies that chain back to the bundle and
+:func:`load_serving_index` loads its newest link.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ import hashlib
 import io
 import json
 import logging
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -26,6 +34,9 @@ import pyarrow.parquet as pq
 from pipeline_tasks.core.constants import ITEM_ID
 from pipeline_tasks.core.errors import PermanentError
 from pipeline_tasks.core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from pipeline_tasks.online.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +49,8 @@ MIN_POINTS_PER_LIST = 39  # faiss warns below 39 training points per centroid
 EF_SEARCH_MAX = 4096
 LATENCY_WARMUP = 10
 GPU_MAX_NPROBE = 2048  # faiss GPU IVF search limit
-CURRENT = "current.json"  # names the index version serving loads
-REBUILD_HINT = "the index must be rebuilt: re-run build_index (the item index refresh) into a fresh directory"
+EXTENSION_RE = re.compile(r"r(\d{4,})")  # r0001, r0002 ...: extensions of one bundle version's index
+REBUILD_HINT = "the index must be rebuilt: re-run build_index (recsys_training) into a fresh directory"
 
 
 class IndexChecksumError(PermanentError, RuntimeError):
@@ -240,12 +251,93 @@ def load_index(index_dir: str | Path, use_gpu: bool | None = None) -> ItemIndex:
     return ItemIndex(index=index, item_ids=ids, meta=meta, index_dir=root)
 
 
-def current_index(settings: Settings | None = None) -> dict[str, Any] | None:
-    """The pointer to the serving index version, or None before the first ``build_index``."""
-    path = (settings or load_settings()).index_dir / CURRENT
-    return json.loads(path.read_text()) if path.exists() else None
+def extension_dir(model_name: str, version: int, n: int, settings: Settings | None = None) -> Path:
+    """``$RECSYS_HOME/indexes/<model_name>/v<version:04d>/r<n:04d>``: the ``n``-th extension of a bundle version's
+    index (``r0001`` extends the bundle's own ``index/``, ``r0002`` extends ``r0001``, ...)."""
+    if n < 1:
+        raise ValueError(f"extension number {n} must be >= 1 (r0001 extends the bundle's own index)")
+    return (settings or load_settings()).index_dir / model_name / f"v{int(version):04d}" / f"r{n:04d}"
 
 
-def version_dir(model_key: str, version: int, settings: Settings | None = None) -> Path:
-    """``$RECSYS_HOME/indexes/<model_key>/v0001``."""
-    return (settings or load_settings()).index_dir / model_key / f"v{version:04d}"
+def extension_dirs(model_name: str, version: int, settings: Settings | None = None) -> list[Path]:
+    """The extensions written for a bundle version, oldest first (``r0001``, ``r0002``, ...; other entries such as
+    an interrupted write's temporary directory are ignored)."""
+    root = (settings or load_settings()).index_dir / model_name / f"v{int(version):04d}"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := EXTENSION_RE.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _recorded_meta(index_dir: Path, fix: str) -> dict[str, Any]:
+    path = index_dir / META_FILE
+    if not path.exists():
+        raise IndexChecksumError(f"{path}: file is missing, so this index version cannot be verified; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise IndexChecksumError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+
+
+def _bundle_fix(where: str) -> str:
+    return f"the bundle of {where} is damaged: re-register it (run recsys_training) or promote another version"
+
+
+def _extension_fix(where: str, ext: Path, fallback: Path) -> str:
+    return (f"the index extensions of {where} are broken from {ext}: move {ext.name} and every later r* directory "
+            f"out of {ext.parent} (serving then falls back to {fallback}), then run `recsys refresh` to add the new "
+            "items again")
+
+
+def _verified_chain(bundle: Bundle, settings: Settings | None) -> tuple[Path, str]:
+    """The newest verified link of the bundle's index chain and what to do if its files fail to verify."""
+    own = Path(bundle.path) / "index"
+    where = f"{bundle.name} version {bundle.version}"
+    base = _recorded_meta(own, _bundle_fix(where))
+    registered = ((bundle.meta or {}).get("index") or {}).get("sha256")
+    if registered and registered != base.get("sha256"):
+        raise IndexChecksumError(f"{own}: index.json records sha256 {base.get('sha256')} but {where} was registered "
+                                 f"with {registered}; {_bundle_fix(where)}")
+    parent_dir, parent_sha, fix = own, base.get("sha256"), _bundle_fix(where)
+    for expected, ext in enumerate(extension_dirs(bundle.name, bundle.version, settings), start=1):
+        fix = _extension_fix(where, ext, parent_dir)
+        if int(EXTENSION_RE.fullmatch(ext.name).group(1)) != expected:
+            raise IndexChecksumError(f"{ext}: expected r{expected:04d} next (extensions are numbered without gaps, "
+                                     f"each extending the one before); {fix}")
+        meta = _recorded_meta(ext, fix)
+        parent = meta.get("parent") or {}
+        if parent.get("bundle") != {"name": bundle.name, "version": int(bundle.version)}:
+            raise IndexChecksumError(f"{ext}: its parent names bundle {parent.get('bundle')}, not {where}; {fix}")
+        if parent.get("sha256") != parent_sha:
+            raise IndexChecksumError(f"{ext}: its parent sha256 {parent.get('sha256')} differs from the sha256 "
+                                     f"{parent_sha} that {parent_dir} records; {fix}")
+        parent_dir, parent_sha = ext, meta.get("sha256")
+    return parent_dir, fix
+
+
+def serving_index_dir(bundle: Bundle, settings: Settings | None = None) -> Path:
+    """The index directory serving loads for ``bundle``: its newest extension, else the bundle's own ``index/``.
+
+    The chain is verified from the bundle up: the bundle's ``index/index.json`` must record the checksums the
+    bundle was registered with (``bundle.json``), extensions must be numbered ``r0001`` .. ``rN`` without gaps, and
+    each extension's ``parent`` must name this bundle (model and version) and the SHA-256 its predecessor records.
+    The chosen directory's file bytes are verified when it is loaded (:func:`load_serving_index`).
+
+    Raises:
+        IndexChecksumError: the chain is broken (the message names the link and what to do).
+    """
+    return _verified_chain(bundle, settings)[0]
+
+
+def load_serving_index(bundle: Bundle, settings: Settings | None = None, use_gpu: bool | None = None) -> ItemIndex:
+    """The index serving uses for ``bundle`` (:func:`serving_index_dir`), its files verified by their SHA-256.
+
+    Raises:
+        IndexChecksumError: the chain is broken or a file of the chosen version is corrupt (with what to do).
+    """
+    target, fix = _verified_chain(bundle, settings)
+    try:
+        return load_index(target, use_gpu=use_gpu)
+    except IndexChecksumError as exc:
+        what = str(exc).replace(f"; {REBUILD_HINT}", "")  # the chain knows the better remedy
+        raise IndexChecksumError(f"{what}; {fix}") from exc

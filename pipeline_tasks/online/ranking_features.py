@@ -25,6 +25,7 @@ from pipeline_tasks.online.candidates import SECONDS_PER_DAY, SOURCES
 from pipeline_tasks.online.context_features import CONTEXT_FEATURE_COLUMNS, REQUEST_TIMESTAMP, context_features
 
 QUERY_ID = "query_id"
+PRIOR = "prior_weight"  # the ranker hyper-parameter of prior_scores
 USER_NUMERIC = [
     "user_total_interactions", "user_unique_items", "user_n_view", "user_n_click", "user_n_add_to_cart",
     "user_n_purchase", "user_n_favorite", "user_ctr", "user_conversion_rate", "user_mean_session_events",
@@ -131,3 +132,15 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
     for col in CONTEXT_FEATURE_COLUMNS:
         out[col] = context[col].to_numpy(dtype=np.float32)
     return out[FEATURE_COLUMNS].astype(np.float32)
+
+
+def prior_scores(fused_score: np.ndarray, query: np.ndarray, weight: float) -> np.ndarray:
+    """The ranker's starting point: ``weight`` x the per-query z-score of the fused pool score.
+
+    The booster learns corrections to the pool's fusion order (LightGBM ``init_score``), so a ranker trained on
+    few queries stays close to that order and one trained on many moves as far as its data supports; the
+    weight is one of the tuned hyper-parameters (0: a plain ranker).
+    """
+    if weight == 0:
+        return np.zeros(len(fused_score), dtype=np.float64)
+    return weight * _zscore(pd.Series(np.asarray(fused_score, dtype=np.float64)), pd.Series(query)).astype(np.float64)

@@ -34,7 +34,14 @@ from pipeline_tasks.online.candidates import (
     source_lists,
     top_k,
 )
-from pipeline_tasks.online.ranking_features import FEATURE_COLUMNS, QUERY_ID, assemble_features, category_state
+from pipeline_tasks.online.ranking_features import (
+    FEATURE_COLUMNS,
+    PRIOR,
+    QUERY_ID,
+    assemble_features,
+    category_state,
+    prior_scores,
+)
 from pipeline_tasks.online.rules import apply_rules
 
 log = logging.getLogger(__name__)
@@ -181,7 +188,9 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
     if order == "ranker":
         if fit.ranker is None:
             raise ValueError("this fit has no ranker; use order='pool'")
-        score = fit.ranker.predict(block.features[FEATURE_COLUMNS].to_numpy(np.float32), num_threads=1)
+        weight = float(((fit.info or {}).get("ranker") or {}).get("params", {}).get(PRIOR, 0.0))
+        score = fit.ranker.predict(block.features[FEATURE_COLUMNS].to_numpy(np.float32), num_threads=1) + \
+            prior_scores(pool["fused_score"].to_numpy(), pool[QUERY_ID].to_numpy(), weight)
     elif order == "pool":
         score = pool["fused_score"].to_numpy()
     elif order in SOURCES:

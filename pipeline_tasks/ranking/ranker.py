@@ -21,14 +21,14 @@ import pandas as pd
 
 from pipeline_tasks.core.constants import SEED
 from pipeline_tasks.core.errors import InvalidParamsError
-from pipeline_tasks.online.ranking_features import FEATURE_COLUMNS, QUERY_ID
+from pipeline_tasks.online.ranking_features import FEATURE_COLUMNS, PRIOR, QUERY_ID, prior_scores
 from pipeline_tasks.ranking.dataset import LABEL
 
 log = logging.getLogger(__name__)
 
 # LightGBM's documented lambdarank defaults, the study's first trial (so a tiny budget still gives a sane model).
 BASE_PARAMS: dict[str, Any] = {"learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
-                               "feature_fraction": 0.9, "bagging_fraction": 0.9, "lambda_l2": 1e-3}
+                               "feature_fraction": 0.9, "bagging_fraction": 0.9, "lambda_l2": 1e-3, PRIOR: 0.0}
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,11 @@ def split_by_user(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFra
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
 
 
-def _dataset(df: pd.DataFrame, reference: lgb.Dataset | None = None) -> lgb.Dataset:
+def _dataset(df: pd.DataFrame, prior_weight: float, reference: lgb.Dataset | None = None) -> lgb.Dataset:
     groups = df.groupby(QUERY_ID, sort=False).size().to_numpy()
-    return lgb.Dataset(df[FEATURE_COLUMNS].to_numpy(np.float32), label=df[LABEL].to_numpy(),
-                       group=groups, feature_name=FEATURE_COLUMNS, reference=reference, free_raw_data=False)
+    init = prior_scores(df["fused_score"].to_numpy(), df[QUERY_ID].to_numpy(), prior_weight)
+    return lgb.Dataset(df[FEATURE_COLUMNS].to_numpy(np.float32), label=df[LABEL].to_numpy(), group=groups,
+                       init_score=init, feature_name=FEATURE_COLUMNS, reference=reference, free_raw_data=False)
 
 
 def lgb_params(params: Mapping[str, Any], config: RankerConfig) -> dict[str, Any]:
@@ -102,11 +103,13 @@ def train_ranker(train: pd.DataFrame, params: Mapping[str, Any], config: RankerC
                  callbacks: list[Any] | None = None) -> tuple[lgb.Booster, dict[str, Any]]:
     """A lambdarank booster; with ``holdout``, early stopping on its NDCG@10. Returns the booster and its figures."""
     started = time.perf_counter()
-    dtrain = _dataset(train)
+    params = dict(params)
+    prior = float(params.pop(PRIOR, 0.0))
+    dtrain = _dataset(train, prior)
     evals: dict[str, Any] = {}
     valid_sets, cbs = [], list(callbacks or [])
     if holdout is not None and len(holdout):
-        valid_sets = [_dataset(holdout, reference=dtrain)]
+        valid_sets = [_dataset(holdout, prior, reference=dtrain)]
         cbs += [lgb.early_stopping(config.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)]
     booster = lgb.train(lgb_params(params, config), dtrain, num_boost_round=rounds or config.max_rounds,
                         valid_sets=valid_sets, valid_names=["holdout"][:len(valid_sets)], callbacks=cbs)
@@ -145,6 +148,8 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
             "feature_fraction": trial.suggest_float("feature_fraction", 0.5, 1.0),
             "bagging_fraction": trial.suggest_float("bagging_fraction", 0.5, 1.0),
             "lambda_l2": trial.suggest_float("lambda_l2", 1e-3, 10.0, log=True),
+            # how strongly the ranker starts from the pool's fusion order (0: not at all; see prior_scores)
+            PRIOR: trial.suggest_float(PRIOR, 0.0, 3.0),
         }
         _, info = train_ranker(train, params, config, holdout=holdout,
                                callbacks=[LightGBMPruningCallback(trial, "ndcg@10", valid_name="holdout")])

@@ -46,7 +46,11 @@ def evaluate_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, 
         moment = Moment(data.t_test, data.trainval, data.items, data.users, user_rows, item_rows)
         n = fit.config.pool_size
         vectors = (fit.item_ids, fit.model.item_embeddings(item_rows)) if fit.model is not None else None
-        table, per_user, _ = evaluate_fit(fit, moment, data.test, n, n_boot=n_boot, item_vectors=vectors)
+        table, per_user, lists_by_row = evaluate_fit(fit, moment, data.test, n, n_boot=n_boot, item_vectors=vectors)
+        # The two-stage lists as scored (what `recsys recommend --fit protocol --no-rules --k N` gives at t_test).
+        pd.DataFrame([(u, i, r) for u, items in lists_by_row["two-stage"].items()
+                      for r, i in enumerate(items, start=1)], columns=["user_id", "item_id", "rank"]
+                     ).to_parquet(out_dir / "two_stage_lists.parquet", index=False)
         truth, _ = targets(moment.history, data.test)
         lists = ranked_lists(fit, moment, list(truth), n, orders=list(SOURCES))
         source_recall = {s: evaluate({u: [i for i, _ in v] for u, v in lists[s].items()}, truth,
@@ -93,6 +97,7 @@ def evaluate_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, 
         log.info("two-stage on test (protocol fit): NDCG@10 %.4f, recall@%d %.4f; popularity NDCG@10 %.4f",
                  head["ndcg@10"], n, head[f"recall@{n}"], table["popularity"]["ndcg@10"])
         return {"report": paths["json"], "html": paths["html"], "per_user": str(out_dir / "per_user.parquet"),
+                "lists": str(out_dir / "two_stage_lists.parquet"),
                 "headline": {k: head[k] for k in ("ndcg@10", f"recall@{n}", "recall@100")},
                 "champion": report["champion"], "mlflow_run_id": mlflow_run_id, "rows": list(ROWS)}
 

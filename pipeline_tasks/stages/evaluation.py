@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:  # snapshots imports pyspark: only the Spark task loads it
     from pipeline_tasks.features.snapshots import FeaturesResult
 
 
+log = logging.getLogger(__name__)
+
 # Rates and shares, not running totals: totals grow by construction and would always "drift".
 DRIFT_FEATURE_COLUMNS = {
     "user_features": ["user_ctr", "user_conversion_rate", "user_top1_share", "user_mean_session_events"],
@@ -33,9 +36,29 @@ def _feature_rows_on(day: str, settings: Settings) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def champion_reference(namespace: str, settings: Settings) -> tuple[Path | None, str | None]:
+    """The champion's training data (its run's accepted interactions) and the moment its features are read at,
+    once a champion exists; ``(None, None)`` before (the reference is then this run's training window)."""
+    from pipeline_tasks.online.bundle import aliases_of, load_bundle, model_name
+
+    name = model_name(namespace)
+    version = aliases_of(name, settings).get("champion")
+    if version is None:
+        return None, None
+    bundle = load_bundle(name, version=version, settings=settings)
+    path = Path(bundle.meta["accepted_dir"]) / "interactions.parquet"
+    if not path.exists():
+        log.warning("the champion (%s version %d) was trained on %s, which no longer exists: the drift reference "
+                    "falls back to this run's training window", name, version, path)
+        return None, None
+    log.info("drift reference: the champion's training data (%s version %d, %s)", name, version, path)
+    return path, bundle.meta.get("as_of")
+
+
 def drift_check_stage(run_id: str, validated: ValidationResult, split: SplitResult,
                       features: FeaturesResult) -> DriftResult:
-    """Evidently PSI drift of the newest window (test) vs the reference (the training window)."""
+    """Evidently PSI drift of the newest window (test) vs the reference: the champion's training data once a
+    champion exists, else this run's training window."""
     from pipeline_tasks.evaluation.drift import DriftConfig, drift_check_split
 
     p = run_config(run_id)
@@ -43,7 +66,8 @@ def drift_check_stage(run_id: str, validated: ValidationResult, split: SplitResu
     def work(out_dir: Path) -> DriftResult:
         settings = run_settings(p)
         recorded = run_features(run_id)["partitions"]["user_features"]  # only days this run may read
-        ref_day = _snapshot_day_before(split["t_val"])
+        reference_path, ref_moment = champion_reference(p["namespace"], settings)
+        ref_day = _snapshot_day_before(ref_moment or split["t_val"])
         ref = _feature_rows_on(ref_day, settings) if ref_day in recorded else pd.DataFrame()
         cur = _feature_rows_on(features["last_day"], settings)
         extra = {}
@@ -53,6 +77,7 @@ def drift_check_stage(run_id: str, validated: ValidationResult, split: SplitResu
             ref.to_parquet(extra["extra_reference_path"], index=False)
             cur.to_parquet(extra["extra_current_path"], index=False)
         config = DriftConfig(threshold=float(p["drift_threshold"]), mode=p["drift_mode"])
-        return drift_check_split(Path(split["split_info"]).parent, validated["accepted_dir"], out_dir, config, **extra)
+        return drift_check_split(Path(split["split_info"]).parent, validated["accepted_dir"], out_dir, config,
+                                 reference_path=reference_path, **extra)
 
     return run_stage(run_id, "drift_check", work)

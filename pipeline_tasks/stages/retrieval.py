@@ -151,7 +151,7 @@ def build_index_stage(run_id: str, trained: RetrievalResult, features: FeaturesR
 
 
 def refresh_items_stage(run_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
-    """The hourly item refresh: embed new catalog items and publish the next index version."""
+    """The hourly item refresh: embed new catalog items and extend the serving index of every live alias."""
     from pipeline_tasks.retrieval.refresh import refresh_items
 
     start_run(run_id, config=dict(params or {}))

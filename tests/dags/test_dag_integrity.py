@@ -89,7 +89,17 @@ def test_no_cycles_and_training_graph(dagbag):
         "drift_check": {"validate", "split", "build_features", "materialize"},
         "train_two_tower": {"validate", "split", "training_set", "drift_check"},  # drift before any training
         "build_index": {"train_two_tower", "build_features"},
+        "candidates": {"validate", "split", "train_two_tower"},
+        "ranking_set": {"candidates"},
+        "tune_ranker": {"ranking_set"},
+        "train_ranker": {"candidates", "ranking_set", "tune_ranker"},
+        "evaluate": {"candidates", "train_ranker"},
+        "register": {"candidates", "train_ranker", "build_index", "evaluate"},
     }
+    # Task groups draw the lifecycle stages in the UI without changing the task ids above.
+    groups = {t.task_id: t.task_group.group_id for t in dag.tasks}
+    assert groups["ingest"] == "data" and groups["train_two_tower"] == "retrieval"
+    assert groups["tune_ranker"] == "ranking" and groups["register"] == "release"
 
 
 def test_item_refresh_dag(dagbag):
@@ -106,7 +116,8 @@ def test_params_have_descriptions(dagbag):
     params = dagbag.dags["recsys_training"].params
     assert set(params) == set(DEFAULT_PARAMS)
     assert {"source", "synthetic", "as_of", "t_val", "t_test", "quality_threshold", "max_stub_share", "horizon_days",
-            "bot_events_per_day", "drift_mode", "drift_threshold", "two_tower", "index"} <= set(params)
+            "bot_events_per_day", "drift_mode", "drift_threshold", "two_tower", "index", "candidates", "ranker",
+            "gate"} <= set(params)
     for key in params:
         assert params.get_param(key).description, f"param {key} needs a description"
     # the gate's stub limit is a share: the UI refuses values outside [0, 1], null means the default

@@ -61,18 +61,19 @@ def spark():
 # one config per model, fewer bootstrap resamples). The README's quality tables come from the
 # benchmark commands, not from this run.
 CI_TWO_TOWER = {"grid": [{"logq": "sample"}], "mf_grid": [{"logq": "sample", "lr": 5e-3}], "n_boot": 200}
+CI_RANKER = {"n_trials": 4, "timeout_s": 60}
 
 
 @dataclass
 class FinishedRun:
     run: CliRun
-    current_index: dict | None  # $RECSYS_HOME/indexes/current.json right after the run (later tests move it)
+    registered: dict  # the register task's outputs: model, version, gate, alias, bundle_dir
 
 
 @pytest.fixture(scope="session")
 def ml100k_run(ml100k: Path) -> FinishedRun:
     """`recsys run --data movielens:ml-100k`, every task, once per session."""
-    run = recsys("run", "--data", f"movielens:{ml100k}", "--two-tower", json.dumps(CI_TWO_TOWER), timeout=1500)
+    run = recsys("run", "--data", f"movielens:{ml100k}", "--two-tower", json.dumps(CI_TWO_TOWER),
+                 "--ranker", json.dumps(CI_RANKER), timeout=1500)
     assert run.returncode == 0, run.output[-4000:]
-    pointer = Path(os.environ["RECSYS_HOME"]) / "indexes" / "current.json"
-    return FinishedRun(run, json.loads(pointer.read_text()) if pointer.exists() else None)
+    return FinishedRun(run, run.manifest["tasks"]["register"]["outputs"])

@@ -16,7 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-LATER_TASKS = "build_features|feast_apply|materialize|training_set|drift_check|train_two_tower|build_index"
+LATER_TASKS = ("build_features|feast_apply|materialize|training_set|drift_check|train_two_tower|build_index|"
+               "candidates|ranking_set|tune_ranker|train_ranker|evaluate|register")
 
 
 def _start(env: dict[str, str], *args: str) -> subprocess.Popen:

@@ -1,19 +1,26 @@
-"""The hourly item refresh for real: a training run on a contract directory builds the model and index,
-new items are added to the catalog, `recsys_item_refresh` runs in `airflow dags test`, and the new items
-are retrievable from a new index version (new checksum) — a cold item reaches the top 20 of a user whose
-taste matches its category and not of a control user with another taste."""
+"""The hourly item refresh for real: a training run on a contract directory registers its bundle as the champion,
+new items are added to the catalog, `recsys_item_refresh` runs in `airflow dags test`, and the new items are
+retrievable from a new index extension of the champion (own checksum, parent = the bundle) while the bundle itself
+stays as registered — a cold item reaches the top 20 of a user whose taste matches its category and not of a
+control user with another taste."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_tasks.online.index import IndexChecksumError, load_index
+from pipeline_tasks.online.index import (
+    IndexChecksumError,
+    extension_dir,
+    file_sha256,
+    load_index,
+    load_serving_index,
+    serving_index_dir,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +30,22 @@ SKIP_FEATURES = ["--mark-success", "build_features|feast_apply|materialize|train
 # every batch and buries a taste under popular items); id dropout teaches the item tower to do without ids.
 TWO_TOWER = {"base": {"max_epochs": 12, "patience": 3, "lr": 0.002, "dropout": 0.1, "id_dropout": 0.3},
              "grid": [{"logq": "batch"}], "mf_grid": [{"lr": 0.005}], "content_method": "minilm", "n_boot": 200}
+# CI-sized ranking; a pool well below the 180-item catalog, and the gate on NDCG@10 alone (a pool that holds
+# nearly every item ties popularity's recall@N, which the first model must strictly beat).
+CANDIDATES = {"pool_size": 50}
+RANKER = {"n_trials": 4, "timeout_s": 60}
+GATE = {"metrics": ["ndcg@10"]}
 
 
-def _current() -> dict:
-    return json.loads((Path(os.environ["RECSYS_HOME"]) / "indexes" / "current.json").read_text())
+def _entry(out: dict, model: str) -> dict:
+    """The refresh's entry for ``model`` (the session's registry may hold other sources' models too)."""
+    entries = [e for e in out["aliases"] if e["name"] == model]
+    assert len(entries) == 1, out
+    return entries[0]
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 THEMES = {
@@ -68,23 +87,36 @@ def _catalog_source(src: Path, seed: int = 5) -> pd.DataFrame:
 
 
 def test_refresh_makes_new_items_retrievable(run_recsys, tmp_path):
+    from pipeline_tasks.online.bundle import load_bundle
     from pipeline_tasks.online.two_tower import load_model
 
     src = tmp_path / "catalog_source"
     items = _catalog_source(src)
-    run = run_recsys("run", "--data", str(src), "--two-tower", json.dumps(TWO_TOWER), *SKIP_FEATURES)
+    run = run_recsys("run", "--data", str(src), "--two-tower", json.dumps(TWO_TOWER), "--candidates",
+                     json.dumps(CANDIDATES), "--ranker", json.dumps(RANKER), "--gate", json.dumps(GATE),
+                     *SKIP_FEATURES, timeout=1500)
     assert run.returncode == 0, run.output[-4000:]
     assert run.manifest["tasks"]["train_two_tower"]["status"] == "success"
     built = run.manifest["tasks"]["build_index"]["outputs"]
-    first = _current()
-    assert first["version"] == 1 and first["index_dir"] == built["index_dir"]
     assert built["recall_at_k"] >= 0.95 and built["n_items"] == len(items)
+    registered = run.manifest["tasks"]["register"]["outputs"]
+    assert registered["gate"] == "passed" and registered["alias"] == "champion", registered
+    model_name, version = registered["model"], registered["version"]
+    bundle = load_bundle(model_name)  # what serving loads: the champion, from the registry's artifact store
+    assert bundle.version == version and "champion" in bundle.aliases
+    assert bundle.meta["index"]["sha256"] == built["sha256"]
+    assert serving_index_dir(bundle) == bundle.path / "index"  # nothing extended yet
+    assert not Path(bundle.path).is_relative_to(run.run_dir)  # clearing the run's tasks cannot change what serves
+    registered_files = _files(bundle.path)
 
-    # Nothing new yet: the refresh publishes nothing.
+    # Nothing new yet: the refresh writes nothing.
     idle = run_recsys("refresh")
     assert idle.returncode == 0, idle.output[-4000:]
-    assert idle.manifest["tasks"]["refresh_items"]["outputs"]["status"] == "up_to_date"
-    assert _current()["version"] == 1
+    idle_out = idle.manifest["tasks"]["refresh_items"]["outputs"]
+    entry = _entry(idle_out, model_name)
+    assert entry["status"] == "up_to_date" and entry["added"] == 0 and entry["aliases"] == ["champion"]
+    assert entry["index_dir"] == str(bundle.path / "index")
+    assert serving_index_dir(bundle) == bundle.path / "index"
 
     # A jazz fan and a control user who keeps to horror; two new items nobody has met yet.
     accepted = pd.read_parquet(run.run_dir / "validate" / "accepted" / "interactions.parquet")
@@ -100,16 +132,22 @@ def test_refresh_makes_new_items_retrievable(run_recsys, tmp_path):
     refreshed = run_recsys("refresh")
     assert refreshed.returncode == 0, refreshed.output[-4000:]
     out = refreshed.manifest["tasks"]["refresh_items"]["outputs"]
-    assert out["status"] == "published" and out["added"] == 2
-    second = _current()
-    assert second["version"] == 2 and second["index_dir"] != first["index_dir"]
-    assert second["sha256"]["index.faiss"] != first["sha256"]["index.faiss"]
-    assert second["parent"] == {"index_dir": first["index_dir"], "sha256": first["sha256"]}
-    load_index(first["index_dir"])  # the old version is intact (its checksums still verify)
+    assert out["status"] == "published" and out["added"] >= 2
+    entry = _entry(out, model_name)
+    extension = extension_dir(model_name, version, 1)
+    assert entry["status"] == "published" and entry["added"] == 2 and entry["version"] == version
+    assert entry["base_index_dir"] == str(bundle.path / "index") and entry["index_dir"] == str(extension)
+    assert serving_index_dir(bundle) == extension
+    assert entry["sha256"]["index.faiss"] != built["sha256"]["index.faiss"]  # its own checksum
+    parent = load_index(extension).meta["parent"]
+    assert parent["bundle"] == {"name": model_name, "version": version}
+    assert parent["sha256"] == built["sha256"] and parent["index_dir"] == str(bundle.path / "index")
+    assert _files(bundle.path) == registered_files  # the bundle is never edited
+    load_index(bundle.path / "index")  # ... and still verifies
 
-    index = load_index(second["index_dir"])
+    index = load_serving_index(bundle)
     assert {"new_jazz_record", "new_space_book"} <= set(index.item_ids.tolist())
-    model = load_model(second["model_dir"])
+    model = load_model(bundle.path / "serving" / "two_tower")  # the model that embedded the bundle's index
     users = [fan, control]
     queries = model.user_embeddings(users, accepted)
     seen = [set(accepted.loc[accepted["user_id"] == u, "item_id"]) for u in users]
@@ -117,11 +155,17 @@ def test_refresh_makes_new_items_retrievable(run_recsys, tmp_path):
     assert "new_jazz_record" in top[0], f"cold jazz item not in the top 20 of jazz fan {fan}: {top[0]}"
     assert "new_jazz_record" not in top[1], f"cold jazz item in the top 20 of horror fan {control}: {top[1]}"
 
-    # A corrupted version is refused by its checksum.
-    path = Path(second["index_dir"]) / "index.faiss"
-    data = bytearray(path.read_bytes())
+    # A corrupted extension is refused by its checksum (serving says what to do); the files are put back after.
+    path = extension / "index.faiss"
+    original = path.read_bytes()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(IndexChecksumError):
-        load_index(second["index_dir"])
+    try:
+        with pytest.raises(IndexChecksumError):
+            load_index(extension)
+        with pytest.raises(IndexChecksumError, match="recsys refresh"):
+            load_serving_index(bundle)
+    finally:
+        path.write_bytes(original)
     assert np.isfinite(queries).all()

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 # These tests are about ingest/validate/split; test_movielens_100k runs every task.
 LATER_TASKS = ["--mark-success",
-               "build_features|feast_apply|materialize|training_set|drift_check|train_two_tower|build_index"]
+               "build_features|feast_apply|materialize|training_set|drift_check|train_two_tower|build_index|"
+               "candidates|ranking_set|tune_ranker|train_ranker|evaluate|register"]
 
 FAULT_REASONS = {
     "null": {"missing_user_id", "missing_item_id", "missing_or_unparseable_timestamp"},
@@ -100,9 +101,11 @@ def test_movielens_100k(ml100k_run, ml100k, bench_protocol):
     # Every task ran: features, Feast, the training set, the drift check, the retrieval model and its index.
     assert {t: i["status"] for t, i in run.manifest["tasks"].items()} == {
         t: "success" for t in ("ingest", "validate", "split", "build_features", "feast_apply", "materialize",
-                               "training_set", "drift_check", "train_two_tower", "build_index")}
+                               "training_set", "drift_check", "train_two_tower", "build_index", "candidates",
+                               "ranking_set", "tune_ranker", "train_ranker", "evaluate", "register")}
     ts = pd.read_parquet(run.manifest["tasks"]["training_set"]["outputs"]["training_set"])
-    requested = pd.concat([pd.read_parquet(run.run_dir / "split" / f"{w}.parquet") for w in ("train", "validation", "test")])
+    requested = pd.concat([pd.read_parquet(run.run_dir / "split" / f"{w}.parquet")
+                           for w in ("train", "validation", "test")])
     assert len(ts) == 100_000  # one row per requested row (all three windows), in order
     assert ts["user_id"].tolist() == requested["user_id"].tolist()
     assert ts["item_id"].tolist() == requested["item_id"].tolist()
@@ -113,7 +116,8 @@ def test_movielens_100k(ml100k_run, ml100k, bench_protocol):
     assert drift["threshold"] == 0.2 and "event_type" in drift["features"]
     assert (run.run_dir / "drift_check" / "drift_report.html").stat().st_size > 100_000
     _check_feature_history(run)
-    _check_retrieval(run, ml100k_run.current_index)
+    _check_retrieval(run)
+    _check_ranking(run, ml100k_run.registered)
 
 
 def _check_feature_history(run):
@@ -132,7 +136,7 @@ def _check_feature_history(run):
         assert partition_sha256(part)[0] == recorded[features["last_day"]]
 
 
-def _check_retrieval(run, current):
+def _check_retrieval(run):
     """The two-tower stage followed the protocol on the real split and the index serves the whole catalog."""
     import mlflow
 
@@ -152,9 +156,10 @@ def _check_retrieval(run, current):
     built = run.manifest["tasks"]["build_index"]["outputs"]
     index = load_index(built["index_dir"])
     assert built["kind"] == "flat" and built["recall_at_k"] == 1.0 and len(index.item_ids) == 1682
-    assert current["index_dir"] == built["index_dir"] and current["sha256"] == index.sha256
+    assert built["sha256"] == index.sha256 and Path(built["index_dir"]).is_relative_to(run.run_dir)  # staged only
+    assert not (Path(run.manifest["run_dir"]).parents[1] / "indexes" / "current.json").exists()
     source_path = Path(run.manifest["config"]["source"].removeprefix("movielens:")).resolve()
-    assert current["source"] == f"movielens:{source_path}"  # the catalog the refresh reads, by absolute path
+    assert index.meta["parent"]["source"] == f"movielens:{source_path}"  # the catalog the refresh reads
     # MLflow has the run with its lineage, curves and test metrics.
     out = run.manifest["tasks"]["train_two_tower"]["outputs"]
     out_ts = run.manifest["tasks"]["training_set"]["outputs"]
@@ -169,6 +174,75 @@ def _check_retrieval(run, current):
     assert logged.data.metrics["test.two_tower.recall_at_100"] == pytest.approx(tt["recall@100"])
     assert "index.latency_ms_p99" in logged.data.metrics
     assert len(client.get_metric_history(logged.info.run_id, "two_tower.trial0.loss")) == len(trial["history"])
+
+
+def _check_ranking(run, registered):
+    """Two-stage evaluation, no leakage into the ranker's candidates, the registry and the bundle round trip."""
+    import numpy as np
+
+    from pipeline_tasks.online.bundle import load_bundle
+    from pipeline_tasks.online.candidates import CandidateConfig, build_item_graph
+    from pipeline_tasks.online.two_stage import load_fit
+    from pipeline_tasks.ranking.fits import content_vectors, load_run_data
+
+    tasks = run.manifest["tasks"]
+    report = _read_json(Path(tasks["evaluate"]["outputs"]["report"]))
+    rows = report["rows"]
+    assert report["test_users"] == 90 and report["pool_size"] == 500
+    assert {"popularity", "recent popularity", "two-tower alone", "merged pool", "two-stage",
+            "two-stage + rules"} <= set(rows)
+    two_stage = rows["two-stage"]
+    assert two_stage["ndcg@10"] > rows["popularity"]["ndcg@10"]
+    assert two_stage["ci95"]["ndcg@10"][0] <= two_stage["ndcg@10"] <= two_stage["ci95"]["ndcg@10"][1]
+    assert {"gini@10", "novelty@10", "ild@10", "category_diversity@10", "coverage@10"} <= set(two_stage)
+    assert set(report["source_recall"]) == {"two_tower", "i2i", "content", "trending", "popularity", "merged pool"}
+    html = Path(tasks["evaluate"]["outputs"]["html"]).read_text()
+    assert "Two-stage evaluation" in html and "plotly" in html.lower()
+
+    # No leakage: the validation fit (the ranker's training candidates) saw only events before t_val.
+    data = load_run_data(run.run_dir / "split", run.run_dir / "validate" / "accepted")
+    fits = tasks["candidates"]["outputs"]["fits"]
+    validation = load_fit(fits["validation"])
+    assert validation.model.encoder.user_ids == sorted(data.train["user_id"].astype(str).unique())
+    rebuilt = build_item_graph(data.train, validation.item_ids, content_vectors(validation.model),
+                               CandidateConfig.from_params(validation.config.to_dict()))
+    assert (rebuilt.cooccurrence != validation.graph.cooccurrence).nnz == 0  # the graph is train-only
+    leaked = build_item_graph(data.trainval, validation.item_ids, content_vectors(validation.model),
+                              CandidateConfig.from_params(validation.config.to_dict()))
+    assert (leaked.cooccurrence != validation.graph.cooccurrence).nnz > 0  # (the check can tell them apart)
+    ranking = pd.read_parquet(tasks["ranking_set"]["outputs"]["validation"]["path"],
+                              columns=["user_id", "item_id", "label"])
+    positives = ranking[ranking["label"] > 0]
+    assert len(positives) > 0
+    label_pairs = set(zip(positives["user_id"], positives["item_id"], strict=True))
+    val_pairs = set(zip(data.validation["user_id"].astype(str), data.validation["item_id"].astype(str), strict=True))
+    train_pairs = set(zip(data.train["user_id"].astype(str), data.train["item_id"].astype(str), strict=True))
+    assert label_pairs <= val_pairs and not label_pairs & train_pairs  # labels: new items of the next window
+
+    # The registry: version 1, first model, beats popularity -> champion; lineage on the bundle.
+    assert registered["version"] == 1 and registered["gate"] == "passed" and registered["alias"] == "champion"
+    bundle = load_bundle(registered["model"])
+    assert bundle.version == 1 and bundle.aliases == ["champion"]
+    assert bundle.meta["data_snapshot_sha256"] == run.manifest["data"]["snapshot_sha256"]
+    assert bundle.meta["feature_service"] == "ranker_v1" and bundle.meta["code"]["git_sha"]
+    assert bundle.meta["index"]["sha256"] == tasks["build_index"]["outputs"]["sha256"]
+    assert bundle.tags["recsys.run_id"] == run.run_id
+
+    # Round trip: `recsys recommend` with the registered protocol fit reproduces the evaluated lists.
+    lists = pd.read_parquet(tasks["evaluate"]["outputs"]["lists"])
+    users = sorted(lists["user_id"].unique())[:25]
+    users_file = run.run_dir.parent / "round_trip_users.txt"
+    users_file.write_text("\n".join(users))
+    out = run.run_dir.parent / "round_trip.parquet"
+    res = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", "recommend", "--users", str(users_file),
+                          "--k", "500", "--as-of", report["t_test"], "--fit", "protocol", "--no-rules",
+                          "--model-version", "1", "--output", str(out)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    got = pd.read_parquet(out)
+    for user in users:
+        expected = lists[lists["user_id"] == user].sort_values("rank")["item_id"].tolist()
+        assert got[got["user_id"] == user].sort_values("rank")["item_id"].tolist() == expected, user
+    assert np.isfinite(got["score"]).all()
 
 
 def test_csv_contract_directory(run_recsys, tmp_path, ml100k):

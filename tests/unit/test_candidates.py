@@ -73,6 +73,9 @@ def test_item_graph_cooccurrence_and_cold_content(history, catalog):
     content = np.eye(8, dtype=np.float32)
     content[7] = content[0]  # i7 (no events: cold) has i0's content
     graph = build_item_graph(history, catalog["item_id"], content, CandidateConfig(cold_item_events=1))
+    ease = build_item_graph(history, catalog["item_id"], content,
+                            CandidateConfig(cold_item_events=1, graph="ease", ease_lambda=1.0)).cooccurrence.toarray()
+    assert ease[0, 1] > 0 and ease[0, 0] == 0 and ease[0, 5] <= 0  # EASE weights: co-occurring items are positive
     co = graph.cooccurrence.toarray()
     assert co[0, 1] > 0 and co[0, 1] == pytest.approx(co[1, 0]) and co[0, 0] == 0
     assert co[0, 5] == 0  # never together
@@ -90,7 +93,7 @@ def test_top_k_skips_disallowed_and_pads():
 
 
 def test_pool_is_unique_servable_unseen_and_keeps_source_ranks(history, catalog):
-    cfg = CandidateConfig(pool_size=4, cold_item_events=1)
+    cfg = CandidateConfig(pool_size=3, rank_size=4, cold_item_events=1)
     ids = catalog["item_id"].tolist()
     graph = build_item_graph(history, ids, np.eye(8, dtype=np.float32), cfg)
     table = ItemTable.build(catalog, ids, AT)
@@ -101,7 +104,7 @@ def test_pool_is_unique_servable_unseen_and_keeps_source_ranks(history, catalog)
                          item_counts(history, ids, AT, days=7), item_counts(history, ids, AT), cfg)
     pool = fuse(lists, cfg)
     assert set(lists.lists) == set(SOURCES)
-    for row, user in enumerate(users):
+    for row in range(len(users)):
         got = pool[pool["row"] == row]
         assert got["item"].is_unique and len(got) <= 4
         assert got["pool_rank"].tolist() == list(range(1, len(got) + 1))
@@ -123,4 +126,9 @@ def test_config_refuses_unknown_params():
         CandidateConfig.from_params({"weights": {"magic": 1.0}})
     with pytest.raises(InvalidParamsError, match="pool_size"):
         CandidateConfig(pool_size=0)
+    with pytest.raises(InvalidParamsError, match="rank_size"):
+        CandidateConfig(pool_size=10, rank_size=5)
+    with pytest.raises(InvalidParamsError, match="graph"):
+        CandidateConfig(graph="magic")
+    assert CandidateConfig(pool_size=10).ranked == 20
     assert CandidateConfig.from_params({"weights": {"i2i": 3.0}}).weights["two_tower"] == 1.0

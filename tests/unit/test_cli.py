@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from pipeline_tasks.cli import app
 
 runner = CliRunner()
-COMMANDS = ["run", "refresh", "ui", "env", "generate", "validate", "split"]
+COMMANDS = ["run", "refresh", "ui", "env", "generate", "validate", "split", "recommend", "models"]
 
 
 def _click_commands() -> dict:
@@ -194,6 +194,9 @@ PARAM_OPTIONS = {
     "drift_threshold": (["--drift-threshold", "0.3"], 0.3),
     "two_tower": (["--two-tower", '{"n_boot": 10}'], {"n_boot": 10}),
     "index": (["--index", '{"kind": "flat"}'], {"kind": "flat"}),
+    "candidates": (["--candidates", '{"pool_size": 100}'], {"pool_size": 100}),
+    "ranker": (["--ranker", '{"n_trials": 3}'], {"n_trials": 3}),
+    "gate": (["--gate", '{"tolerance": 0.02}'], {"tolerance": 0.02}),
 }
 
 
