@@ -127,6 +127,17 @@ def register_version(name: str, source_uri: str, run_id: str, tags: Mapping[str,
     return version
 
 
+def version_of_run(name: str, run_id: str, settings: Settings | None = None) -> int | None:
+    """The version an earlier try of this run's ``register`` created (so a retry does not register twice)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client(settings).search_model_versions(f"name='{name}' and tags.`recsys.run_id` = '{run_id}'")
+    except MlflowException:
+        return None
+    return max((int(v.version) for v in found), default=None)
+
+
 def promote(name: str, version: int, settings: Settings | None = None, alias: str = "champion") -> dict[str, Any]:
     """Move ``alias`` (default champion) to ``version``; refused for a version whose gate failed."""
     from mlflow.exceptions import MlflowException

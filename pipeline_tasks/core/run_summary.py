@@ -91,6 +91,29 @@ def model_lines(metrics_path: str | Path) -> list[str]:
     return lines
 
 
+def two_stage_lines(report_path: str | Path) -> list[str]:
+    """The two-stage evaluation's headline rows (protocol fit, test window) with their 95 % CIs."""
+    try:
+        report = json.loads(Path(report_path).read_text())
+    except (OSError, ValueError):
+        return []
+    n = report.get("pool_size", 500)
+    lines = []
+    for row in ("two-stage", "two-stage + rules", "merged pool"):
+        test = report.get("rows", {}).get(row)
+        if not test:
+            continue
+        figures = []
+        for metric in ("ndcg@10", f"recall@{n}"):
+            low, high = (test.get("ci95") or {}).get(metric, (None, None))
+            ci = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
+            figures.append(f"{metric} {test[metric]:.3f}{ci}")
+        lines.append(f"{row:<17} " + ", ".join(figures))
+    if lines:
+        lines.append(f"(two-stage protocol fit; report: {Path(report_path).with_suffix('.html')})")
+    return lines
+
+
 def summary_lines(manifest: dict[str, Any], manifest_path: Path, mlflow_uri: str) -> list[str]:
     """Where everything of a run is: directory, manifest, source, data counts, model quality, index, MLflow."""
     lines = ["", "Artifacts of this run:",
@@ -118,6 +141,13 @@ def summary_lines(manifest: dict[str, Any], manifest_path: Path, mlflow_uri: str
         if models:
             lines.append("  models (test) :")
             lines.extend(f"      {line}" for line in models)
+    evaluated = (tasks.get("evaluate") or {}).get("outputs") or {}
+    if evaluated.get("report"):
+        lines.extend(f"      {line}" for line in two_stage_lines(evaluated["report"]))
+    registered = (tasks.get("register") or {}).get("outputs") or {}
+    if registered.get("model"):
+        lines.append(f"  registry      : {registered['model']} version {registered['version']}, gate "
+                     f"{registered['gate']} -> {registered.get('alias') or 'aliases untouched'}; `recsys models`")
     if trained.get("mlflow_run_id"):
         lines.append(f"  MLflow        : experiment {trained.get('mlflow_experiment')}, run {trained['mlflow_run_id']}")
         if mlflow_uri.startswith("sqlite:///"):

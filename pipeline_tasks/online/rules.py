@@ -7,9 +7,15 @@ shown) these rules turn it into the final list. numpy/pandas only: no model, no 
   any ``|x|``, so that raw scores (often negative) become positive and can be multiplied by a boost.
   It is monotone; in float64 it saturates at 1.0 above x ~ 37 (and is floored at the smallest
   positive float far below zero), so very large raw scores can tie.
+- ``relative_score``: ``exp(x - max(x))`` over one list: positive, 1 for the list's best, and the ratio
+  of two items is ``exp`` of their raw score difference whatever the scores' offset (a softmax
+  numerator). ``apply_rules`` uses it by default: the sigmoid saturates for the high scores at the
+  top of a list, where a 10 % boost would then outweigh any difference the ranker made (on
+  MovieLens 100K it cut two-stage NDCG@10 from 0.275 to 0.168; with ``relative_score`` a 10 % boost
+  equals a raw score difference of ln 1.1 = 0.095).
 - ``freshness_boost``: ``s * (1 + FRESHNESS_WEIGHT * exp(-age_days / FRESHNESS_DAYS))`` with
-  ``s = positive_score(score)``: a brand-new item gains 10 %, a 30-day-old one 10 % / e. Unknown
-  ages (NaN) get no boost; negative ages (clock skew) count as 0.
+  ``s = positive(score)`` (``positive_score`` unless told otherwise): a brand-new item gains 10 %, a
+  30-day-old one 10 % / e. Unknown ages (NaN) get no boost; negative ages (clock skew) count as 0.
 - ``dedup``: each item id once, at its first position.
 - ``cap_per_category``: within the first ``CATEGORY_CAP_TOP`` positions no category appears more
   than ``MAX_PER_CATEGORY`` times. The list is walked best first taking every item whose category is
@@ -60,8 +66,20 @@ def positive_score(scores: np.ndarray) -> np.ndarray:
     return np.maximum(out, _MIN_POSITIVE)  # NaN propagates through np.maximum
 
 
+def relative_score(scores: np.ndarray) -> np.ndarray:
+    """``exp(scores - max(scores))`` over one list: positive, the best is 1, ratios are exp(score gaps)."""
+    x = np.asarray(scores, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    top = finite.max() if finite.size else 0.0
+    return np.maximum(np.exp(x - top), _MIN_POSITIVE)
+
+
+TRANSFORMS = {"relative": relative_score, "sigmoid": positive_score}
+
+
 def freshness_boost(
-    scores: np.ndarray, age_days: np.ndarray, weight: float = FRESHNESS_WEIGHT, days: float = FRESHNESS_DAYS
+    scores: np.ndarray, age_days: np.ndarray, weight: float = FRESHNESS_WEIGHT, days: float = FRESHNESS_DAYS,
+    positive: Any = positive_score,
 ) -> np.ndarray:
     """Positive scores boosted for recent items.
 
@@ -78,7 +96,7 @@ def freshness_boost(
     Raises:
         ValueError: shapes differ, or ``weight`` / ``days`` are out of range.
     """
-    s = positive_score(scores)
+    s = positive(scores)
     age = np.asarray(age_days, dtype=np.float64)
     if age.shape != s.shape:
         raise ValueError(f"freshness_boost: age_days has shape {age.shape} but scores has shape {s.shape}")
@@ -181,15 +199,19 @@ def apply_rules(
     cap: bool = True,
     max_per_category: int = MAX_PER_CATEGORY,
     top: int = CATEGORY_CAP_TOP,
+    transform: str = "relative",
 ) -> tuple[list[str], np.ndarray]:
     """The final list: dedup, score, sort, cap per category.
+
+    ``transform`` makes raw scores positive before the boost: ``relative`` (default, :func:`relative_score`)
+    or ``sigmoid`` (:func:`positive_score`).
 
     Args:
         item_ids: Candidate ids (any order; duplicates allowed).
         scores: Raw ranker scores, aligned with ``item_ids``; NaN is not allowed.
         categories: Each candidate's category (null = ``UNKNOWN_CATEGORY``); None: all unknown.
         age_days: Each candidate's age in days (NaN = unknown); None: all unknown.
-        freshness: Score with ``freshness_boost`` (else plain ``positive_score``).
+        freshness: Score with ``freshness_boost`` (else the plain positive transform).
         cap: Apply ``cap_per_category`` after sorting.
         max_per_category: See ``cap_per_category``.
         top: See ``cap_per_category``.
@@ -224,7 +246,8 @@ def apply_rules(
     if len(kept) < n:
         log.debug("apply_rules: dropped %d duplicate candidate(s)", n - len(kept))
     kept_raw = raw[kept]
-    final = freshness_boost(kept_raw, age[kept]) if freshness else positive_score(kept_raw)
+    positive = TRANSFORMS[transform]
+    final = freshness_boost(kept_raw, age[kept], positive=positive) if freshness else positive(kept_raw)
     # lexsort: the last key is the primary one; kept is ascending, so ties fall back to input order.
     order = kept[np.lexsort((kept, -kept_raw, -final))]
     final_of = dict(zip(kept.tolist(), final.tolist(), strict=True))

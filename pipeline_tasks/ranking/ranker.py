@@ -41,6 +41,13 @@ class RankerConfig:
     max_rounds: int = 500
     early_stopping_rounds: int = 30
     num_threads: int = 0  # 0: LightGBM's default (all cores)
+    # Rows the study and the ranker train on at most: larger ranking sets are cut to a seeded sample of whole
+    # queries (with a positive), so memory stays bounded (~60 float32 features: 5 M rows ~ 1.2 GB per copy).
+    max_train_rows: int = 5_000_000
+    # Below this many rows a single holdout of a few dozen queries is too noisy to choose hyper-parameters
+    # on: each trial is scored by k-fold cross-validation over users instead (k = cv_folds).
+    cv_below_rows: int = 200_000
+    cv_folds: int = 5
     seed: int = SEED
 
     def __post_init__(self) -> None:
@@ -62,9 +69,26 @@ class RankerConfig:
         return asdict(self)
 
 
-def load_ranking_set(path: str | Path) -> pd.DataFrame:
-    """A ranking set sorted by query (LightGBM groups are contiguous runs of one query's rows)."""
-    df = pd.read_parquet(path)
+def load_ranking_set(path: str | Path, max_rows: int | None = None, seed: int = SEED) -> pd.DataFrame:
+    """The training columns of a ranking set (queries with a positive label only), sorted by query so that
+    LightGBM's groups are contiguous runs; with ``max_rows``, a seeded sample of whole queries within it."""
+    import pyarrow.parquet as pq
+
+    keys = pq.read_table(path, columns=[QUERY_ID, LABEL]).to_pandas()
+    per_query = keys.groupby(QUERY_ID)[LABEL].agg(["size", "max"])
+    per_query = per_query[per_query["max"] > 0]
+    chosen = per_query.index.to_numpy()
+    if max_rows is not None and per_query["size"].sum() > max_rows:
+        order = np.random.default_rng(seed).permutation(len(per_query))
+        sizes = per_query["size"].to_numpy()[order]
+        keep = order[np.cumsum(sizes) <= max_rows]
+        chosen = per_query.index.to_numpy()[np.sort(keep)]
+        log.info("ranking set %s: %d rows in %d queries with a positive; training on a seeded sample of %d queries "
+                 "(%d rows, ranker.max_train_rows)", path, int(per_query["size"].sum()), len(per_query), len(chosen),
+                 int(per_query["size"].to_numpy()[np.sort(keep)].sum()))
+    table = pq.read_table(path, columns=[QUERY_ID, LABEL, *FEATURE_COLUMNS], filters=[(QUERY_ID, "in", list(chosen))])
+    df = table.to_pandas()
+    del table
     return df.sort_values(QUERY_ID, kind="stable").reset_index(drop=True)
 
 
@@ -82,6 +106,14 @@ def split_by_user(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFra
     held = set(rng.choice(queries, size=n_hold, replace=False)) if n_hold else set()
     mask = df[QUERY_ID].isin(held).to_numpy()
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
+
+
+def user_folds(df: pd.DataFrame, k: int, seed: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """k (train, holdout) splits of whole queries (one query per user), each query held out once; seeded."""
+    queries = np.sort(df[QUERY_ID].unique())
+    fold_of = dict(zip(queries, np.random.default_rng(seed).permutation(len(queries)) % k, strict=True))
+    assigned = df[QUERY_ID].map(fold_of).to_numpy()
+    return [(df[assigned != f].reset_index(drop=True), df[assigned == f].reset_index(drop=True)) for f in range(k)]
 
 
 def _dataset(df: pd.DataFrame, prior_weight: float, reference: lgb.Dataset | None = None) -> lgb.Dataset:
@@ -126,7 +158,9 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
     import optuna
     from optuna_integration import LightGBMPruningCallback
 
-    train, holdout = split_by_user(positive_queries(df), config.holdout_share, config.seed)
+    queries = positive_queries(df)
+    train, holdout = split_by_user(queries, config.holdout_share, config.seed)
+    folds = user_folds(queries, config.cv_folds, config.seed) if len(queries) < config.cv_below_rows else None
     if not len(train) or not len(holdout):
         raise ValueError(f"the ranking set has too few queries with a positive label ({df[QUERY_ID].nunique()} "
                          "queries) to tune a ranker; give the run more data or a longer validation window")
@@ -151,10 +185,22 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
             # how strongly the ranker starts from the pool's fusion order (0: not at all; see prior_scores)
             PRIOR: trial.suggest_float(PRIOR, 0.0, 3.0),
         }
-        _, info = train_ranker(train, params, config, holdout=holdout,
-                               callbacks=[LightGBMPruningCallback(trial, "ndcg@10", valid_name="holdout")])
-        trial.set_user_attr("best_iteration", info["best_iteration"])
-        return float(info["holdout_ndcg@10"] or 0.0)
+        if folds is None:
+            _, info = train_ranker(train, params, config, holdout=holdout,
+                                   callbacks=[LightGBMPruningCallback(trial, "ndcg@10", valid_name="holdout")])
+            trial.set_user_attr("best_iteration", info["best_iteration"])
+            return float(info["holdout_ndcg@10"] or 0.0)
+        scores, rounds = [], []
+        for k, (fold_train, fold_holdout) in enumerate(folds):
+            _, info = train_ranker(fold_train, params, config, holdout=fold_holdout)
+            scores.append(float(info["holdout_ndcg@10"] or 0.0))
+            rounds.append(info["best_iteration"])
+            trial.report(float(np.mean(scores)), k)  # the median pruner compares running fold means
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        trial.set_user_attr("best_iteration", int(np.median(rounds)))
+        trial.set_user_attr("fold_ndcg@10", [round(v, 4) for v in scores])
+        return float(np.mean(scores))
 
     remaining = max(0, config.n_trials - len(done))
     if remaining:
@@ -163,11 +209,13 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
         log.info("study %s already has %d finished trials: resumed, nothing left to run", study_name, len(done))
     best = study.best_trial
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
-    log.info("ranker study %s: best holdout NDCG@10 %.4f in trial %d of %d: %s", study_name, best.value,
-             best.number, len(study.trials), best.params)
+    log.info("ranker study %s: best %s NDCG@10 %.4f in trial %d of %d: %s", study_name,
+             f"{config.cv_folds}-fold cross-validated" if folds else "holdout", best.value, best.number,
+             len(study.trials), best.params)
     return {"best_params": dict(best.params), "best_value": float(best.value),
             "best_iteration": int(best.user_attrs.get("best_iteration", config.max_rounds)),
             "n_trials": len(study.trials), "study": study, "trials": trials,
+            "selection": f"{config.cv_folds}-fold cross-validation by user" if folds else "holdout by user",
             "train_queries": int(train[QUERY_ID].nunique()), "holdout_queries": int(holdout[QUERY_ID].nunique())}
 
 

@@ -107,7 +107,14 @@ def evaluate_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, 
 def register_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, Any], index: dict[str, Any],
                    evaluated: dict[str, Any]) -> dict[str, Any]:
     """Assemble the bundle, register it as a new model version, decide the gate and move the alias."""
-    from pipeline_tasks.bundle.registry import GateConfig, GateFailedError, decide, metric_tags, register_version
+    from pipeline_tasks.bundle.registry import (
+        GateConfig,
+        GateFailedError,
+        decide,
+        metric_tags,
+        register_version,
+        version_of_run,
+    )
     from pipeline_tasks.core.tracking import log_artifacts, mlflow_run
     from pipeline_tasks.online.bundle import BUNDLE_FILE, aliases_of, model_name
 
@@ -141,11 +148,16 @@ def register_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, 
         tags = {**_ranker_tags(run_id, "register"), "recsys.t_test": report["t_test"], "recsys.t_val": report["t_val"],
                 "recsys.index_sha256": index["sha256"].get("index.faiss", ""),
                 **metric_tags(report, ("ndcg@10", "recall@10", f"recall@{n}"))}
-        with mlflow_run(ranker_experiment(p["namespace"]), run_name=f"register {run_id}", tags=tags,
-                        resume_by=("recsys.run_id", "recsys.task")) as run:
-            log_artifacts({"bundle": bundle})
-            version = register_version(name, f"{run.info.artifact_uri}/bundle", run.info.run_id, tags, decision,
-                                       settings)
+        earlier = version_of_run(name, run_id, settings)
+        if earlier is not None:  # a retry after the version was created: never register the run twice
+            log.info("%s version %d was registered by an earlier try of this task", name, earlier)
+            version = earlier
+        else:
+            with mlflow_run(ranker_experiment(p["namespace"]), run_name=f"register {run_id}", tags=tags,
+                            resume_by=("recsys.run_id", "recsys.task")) as run:
+                log_artifacts({"bundle": bundle})
+                version = register_version(name, f"{run.info.artifact_uri}/bundle", run.info.run_id, tags,
+                                           decision, settings)
         result = {"model": name, "version": version, "gate": "passed" if decision.passed else "failed",
                   "alias": decision.alias, "reason": decision.reason, "comparisons": decision.comparisons,
                   "aliases": aliases_of(name, settings), "bundle_dir": str(bundle)}

@@ -173,7 +173,7 @@ def tune_ranker_stage(run_id: str, ranking_set: RankingSetResult) -> dict[str, A
         study_name = f"ranker_{safe_run_id(run_id)}"
         with mlflow_run(ranker_experiment(p["namespace"]), run_name=f"tune_ranker {run_id}",
                         tags=_ranker_tags(run_id, "tune_ranker"), resume_by=("recsys.run_id", "recsys.task")) as run:
-            df = load_ranking_set(ranking_set["validation"]["path"])
+            df = load_ranking_set(ranking_set["validation"]["path"], config.max_train_rows, config.seed)
             result = tune_ranker(df, config, storage, study_name)
             plots = study_plots(result["study"], out_dir / "plots")
             result["trials"].to_csv(out_dir / "trials.csv", index=False)
@@ -183,7 +183,7 @@ def tune_ranker_stage(run_id: str, ranking_set: RankingSetResult) -> dict[str, A
                                 "best_iteration": result["best_iteration"]})
             log_artifacts({"study": out_dir})
             summary = {k: result[k] for k in ("best_params", "best_value", "best_iteration", "n_trials",
-                                              "train_queries", "holdout_queries")}
+                                              "train_queries", "holdout_queries", "selection")}
             summary.update(storage=str(storage), study_name=study_name, plots=plots, mlflow_run_id=run.info.run_id)
         (out_dir / "study.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -201,7 +201,6 @@ def train_ranker_stage(run_id: str, candidates: CandidatesResult, ranking_set: R
         RankerConfig,
         feature_importance,
         load_ranking_set,
-        positive_queries,
         train_ranker,
     )
 
@@ -219,7 +218,7 @@ def train_ranker_stage(run_id: str, candidates: CandidatesResult, ranking_set: R
                     shutil.rmtree(target)
                 source_fit = candidates["fits"][fit_name if serving_fit else "protocol"]
                 shutil.copytree(source_fit, target)
-                df = positive_queries(load_ranking_set(ranking_set[set_name]["path"]))
+                df = load_ranking_set(ranking_set[set_name]["path"], config.max_train_rows, config.seed)
                 booster, info = train_ranker(df, tuned["best_params"], config, rounds=tuned["best_iteration"])
                 booster.save_model(str(target / RANKER_FILE))
                 fit_info = json.loads((target / "fit.json").read_text())

@@ -236,7 +236,8 @@ def _check_ranking(run, registered):
     out = run.run_dir.parent / "round_trip.parquet"
     res = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", "recommend", "--users", str(users_file),
                           "--k", "500", "--as-of", report["t_test"], "--fit", "protocol", "--no-rules",
-                          "--model-version", "1", "--output", str(out)], capture_output=True, text=True, check=False)
+                          "--model", registered["model"], "--model-version", "1", "--output", str(out)],
+                         capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     got = pd.read_parquet(out)
     for user in users:

@@ -86,3 +86,18 @@ def test_study_resumes_from_its_storage(tmp_path):
     assert again["n_trials"] == 4  # a retry runs only what is missing
     with pytest.raises(InvalidParamsError, match="unknown ranker params"):
         RankerConfig.from_params({"trials": 3})
+
+
+def test_load_caps_rows_by_whole_queries(tmp_path):
+    path = tmp_path / "set.parquet"
+    full = _ranking_set(n_queries=50, per_query=20)
+    full.loc[full[QUERY_ID] == "q001", LABEL] = 0  # a query without a positive is never trained on
+    full.to_parquet(path)
+    everything = load_ranking_set(path)
+    with_positive = full.groupby(QUERY_ID)[LABEL].max().gt(0)
+    assert set(everything[QUERY_ID]) == set(with_positive[with_positive].index)
+    assert "q001" not in set(everything[QUERY_ID])
+    capped = load_ranking_set(path, max_rows=300, seed=3)
+    assert len(capped) <= 300 and capped.groupby(QUERY_ID).size().eq(20).all()  # whole queries only
+    assert capped[QUERY_ID].tolist() == load_ranking_set(path, max_rows=300, seed=3)[QUERY_ID].tolist()
+    assert list(capped.columns[:2]) == [QUERY_ID, LABEL]

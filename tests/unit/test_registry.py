@@ -15,6 +15,7 @@ from pipeline_tasks.bundle.registry import (
     list_versions,
     promote,
     register_version,
+    version_of_run,
 )
 from pipeline_tasks.core.errors import InvalidParamsError
 from pipeline_tasks.online.bundle import BUNDLE_FILE, aliases_of, load_bundle
@@ -84,6 +85,7 @@ def test_aliases_move_only_on_a_passing_gate_and_promote_refuses_failed(home):
     promote(NAME, good)
     assert aliases_of(NAME) == {"champion": good}  # the challenger became champion
     assert load_bundle(NAME).meta["run_id"] == "run3"
+    assert version_of_run(NAME, "run2") == worse and version_of_run(NAME, "nope") is None  # retries find it
     rows = {r["version"]: r for r in list_versions(NAME)}
     assert rows[worse]["gate"] == "failed" and rows[good]["aliases"] == ["champion"]
     with pytest.raises(PromotionRefusedError, match="no version 99"):

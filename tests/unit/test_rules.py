@@ -189,7 +189,7 @@ def test_apply_rules_end_to_end() -> None:
     scores = np.array([0.1, 0.5, 2.0, 3.0, -1.0, 1.5, 1.4, 1.3])
     cats = ["x", "y", "x", "x", "z", "x", "x", "y"]
     age = np.array([0.0, 10.0, np.nan, 100.0, 0.0, 5.0, 400.0, 0.0])
-    out_ids, out_scores = apply_rules(ids, scores, cats, age, max_per_category=2, top=4)
+    out_ids, out_scores = apply_rules(ids, scores, cats, age, max_per_category=2, top=4, transform="sigmoid")
     # b keeps its second occurrence (raw 3.0, category x, age 100).
     final = {
         "b": _sigmoid(3.0) * (1 + 0.1 * math.exp(-100 / 30)),
@@ -217,9 +217,22 @@ def test_apply_rules_without_cap_is_sorted_by_final_score() -> None:
 
 
 def test_apply_rules_without_freshness_uses_positive_score() -> None:
-    out_ids, out_scores = apply_rules(["a", "b"], np.array([0.0, 1.0]), None, None, freshness=False)
+    out_ids, out_scores = apply_rules(["a", "b"], np.array([0.0, 1.0]), None, None, freshness=False,
+                                      transform="sigmoid")
     assert out_ids == ["b", "a"]
     np.testing.assert_allclose(out_scores, [_sigmoid(1.0), 0.5])
+
+
+def test_relative_transform_keeps_score_gaps_whatever_the_offset() -> None:
+    """The default transform: a 10 % boost equals a raw gap of ln 1.1, at any score level (no saturation)."""
+    for offset in (-50.0, 0.0, 40.0):  # the sigmoid saturates at +40: every item would be ~1.0 there
+        raw = np.array([1.0, 0.92, 0.5]) + offset  # b trails a by 0.08 < ln 1.1: the boost lifts it
+        out_ids, out_scores = apply_rules(["a", "b", "c"], raw, ["x", "y", "z"], np.array([np.nan, 0.0, np.nan]))
+        assert out_ids == ["b", "a", "c"], offset
+        np.testing.assert_allclose(out_scores, [np.exp(-0.08) * 1.1, 1.0, np.exp(-0.5)])
+        raw = np.array([1.0, 0.85, 0.5]) + offset  # trails by 0.15 > ln 1.1: stays behind
+        assert apply_rules(["a", "b", "c"], raw, ["x", "y", "z"], np.array([np.nan, 0.0, np.nan]))[0] == [
+            "a", "b", "c"]
 
 
 def test_apply_rules_ties_keep_input_order() -> None:
@@ -233,7 +246,7 @@ def test_apply_rules_dedup_keeps_the_highest_scored_occurrence() -> None:
     out_ids, out_scores = apply_rules(ids, np.array([0.0, 0.5, 2.0, 1.0]), ["x", "y", "z", "w"],
                                       np.full(4, np.nan), cap=False)
     assert out_ids == ["a", "b"]
-    np.testing.assert_allclose(out_scores, [_sigmoid(2.0), _sigmoid(0.5)])
+    np.testing.assert_allclose(out_scores, [1.0, np.exp(0.5 - 2.0)])  # relative to the kept best (2.0)
 
 
 def test_apply_rules_default_cap() -> None:
