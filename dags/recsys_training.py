@@ -104,7 +104,7 @@ PARAMS = {
                                     "'weights': {'two_tower': 1, 'i2i': 1}} (weights and trending window are "
                                     "otherwise chosen on validation)"),
     "ranker": Param(DEFAULT_PARAMS["ranker"], type="object",
-                    description="LightGBM lambdarank / Optuna overrides, e.g. {'n_trials': 20, 'timeout_s': 600, "
+                    description="LightGBM lambdarank / Optuna overrides, e.g. {'n_trials': 20, 'timeout_s': 300, "
                                 "'holdout_share': 0.2, 'max_rounds': 500}"),
     "gate": Param(DEFAULT_PARAMS["gate"], type="object",
                   description="registry gate, e.g. {'metrics': ['ndcg@10', 'pool_recall'], 'tolerance': 0.01} "

@@ -265,7 +265,7 @@ def run(
     candidates: Annotated[str | None, typer.Option(
         help="JSON candidate pool overrides, e.g. '{\"pool_size\": 500, \"trending_days\": 7}'")] = None,
     ranker: Annotated[str | None, typer.Option(
-        help="JSON ranker / Optuna overrides, e.g. '{\"n_trials\": 20, \"timeout_s\": 600}'")] = None,
+        help="JSON ranker / Optuna overrides, e.g. '{\"n_trials\": 20, \"timeout_s\": 300}'")] = None,
     gate: Annotated[str | None, typer.Option(
         help="JSON registry gate overrides, e.g. '{\"metrics\": [\"ndcg@10\", \"pool_recall\"], "
              "\"tolerance\": 0.01}'")] = None,

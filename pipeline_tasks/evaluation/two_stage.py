@@ -52,13 +52,15 @@ def _ids(lists: Mapping[str, list[tuple[str, float]]]) -> dict[str, list[str]]:
 
 
 def evaluate_fit(fit: Fit, moment: Moment, future: pd.DataFrame, k_max: int, n_boot: int = 1000, seed: int = SEED,
-                 rows: Mapping[str, str] = ROWS, item_vectors: tuple[list[str], np.ndarray] | None = None
+                 rows: Mapping[str, str] = ROWS, item_vectors: tuple[list[str], np.ndarray] | None = None,
+                 extra_orders: Sequence[str] = ()
                  ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, dict[str, list[str]]]]:
     """Metrics of each row on the protocol's test users at ``moment``; per-user metrics (for the paired gate);
-    the lists."""
+    the lists of every row and of each ``extra_orders`` (keyed by order), from one pass over the users."""
     truth, seen = targets(moment.history, future)
     users = list(truth)
-    lists = ranked_lists(fit, moment, users, k_max, orders=list(rows.values()))
+    orders = list(dict.fromkeys([*rows.values(), *extra_orders]))
+    lists = ranked_lists(fit, moment, users, k_max, orders=orders)
     n_items = len(fit.item_ids)
     pairs = moment.history[[USER_ID, ITEM_ID]].astype(str).drop_duplicates()
     popularity = pairs[ITEM_ID].value_counts().to_dict()
@@ -78,6 +80,8 @@ def evaluate_fit(fit: Fit, moment: Moment, future: pd.DataFrame, k_max: int, n_b
         table[row] = metrics
         per_user.append(per_user_metrics(recs, truth, ks=ks).add_prefix(f"{row}|"))
         recs_by_row[row] = recs
+    for order in extra_orders:
+        recs_by_row[order] = _ids(lists[order])
     return table, pd.concat(per_user, axis=1), recs_by_row
 
 

@@ -64,6 +64,16 @@ class Bundle:
         return self.tags.get(GATE_TAG) == "passed"
 
 
+def open_bundle(path: str | Path) -> Bundle:
+    """A bundle directory already on disk (e.g. packed into a Bento), without the registry: ``import mlflow``
+    alone loads pyspark's Python modules where pyspark is installed, so a serving process resolves its
+    bundle once (``load_bundle``, at build time) and opens the directory with this."""
+    local = Path(path)
+    meta = json.loads((local / BUNDLE_FILE).read_text())
+    version = meta.get("version")
+    return Bundle(meta.get("model", ""), int(version) if version is not None else 0, local, meta, {}, [])
+
+
 def registered_models(settings: Settings | None = None) -> list[str]:
     """Names of the recsys registered models in the tracking store."""
     c = client(settings)

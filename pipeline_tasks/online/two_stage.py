@@ -47,6 +47,7 @@ from pipeline_tasks.online.rules import apply_rules
 log = logging.getLogger(__name__)
 
 FIT_FILE = "fit.json"
+POOL_ROWS_PER_BLOCK = 1_000_000
 RANKER_FILE = "ranker.txt"
 
 
@@ -147,7 +148,9 @@ def candidate_blocks(fit: Fit, moment: Moment, user_ids: Sequence[str], fill_k: 
     popularity = item_counts(hist, fit.item_ids, moment.at)
     item_vectors = fit.model.item_embeddings(moment.item_rows) if fit.model is not None else None
     category = pd.Series(catalog.category, index=fit.item_ids)
-    step = block_users or max(1, BLOCK_CELLS // max(len(fit.item_ids), 1))
+    # Users per block: bounded by the dense users x items score matrices and by the pool rows a block
+    # assembles features for (memory stays flat however many users a call asks for).
+    step = block_users or max(1, min(BLOCK_CELLS // max(len(fit.item_ids), 1), POOL_ROWS_PER_BLOCK // cfg.ranked))
     for start in range(0, len(ids), step):
         chunk = ids[start:start + step]
         history = UserHistory.build(hist, chunk, fit.item_ids, moment.at, cfg, moment.users)

@@ -36,7 +36,7 @@ class RankerConfig:
     """The ranker's training and tuning settings (DAG param ``ranker``)."""
 
     n_trials: int = 20
-    timeout_s: float = 600.0  # the study stops starting trials after this many seconds
+    timeout_s: float = 300.0  # the study stops starting trials after this many seconds
     holdout_share: float = 0.2  # share of the queries' users held out for early stopping and the study
     max_rounds: int = 500
     early_stopping_rounds: int = 30

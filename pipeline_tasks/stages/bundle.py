@@ -32,7 +32,7 @@ def evaluate_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, 
     )
     from pipeline_tasks.online.bundle import aliases_of, load_bundle, model_name
     from pipeline_tasks.online.candidates import SOURCES
-    from pipeline_tasks.online.two_stage import Moment, load_fit, ranked_lists
+    from pipeline_tasks.online.two_stage import Moment, load_fit
     from pipeline_tasks.ranking.fits import load_run_data
 
     p = run_config(run_id)
@@ -46,15 +46,15 @@ def evaluate_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, 
         moment = Moment(data.t_test, data.trainval, data.items, data.users, user_rows, item_rows)
         n = fit.config.pool_size
         vectors = (fit.item_ids, fit.model.item_embeddings(item_rows)) if fit.model is not None else None
-        table, per_user, lists_by_row = evaluate_fit(fit, moment, data.test, n, n_boot=n_boot, item_vectors=vectors)
+        table, per_user, lists_by_row = evaluate_fit(fit, moment, data.test, n, n_boot=n_boot, item_vectors=vectors,
+                                                     extra_orders=SOURCES)
         # The two-stage lists as scored (what `recsys recommend --fit protocol --no-rules --k N` gives at t_test).
         pd.DataFrame([(u, i, r) for u, items in lists_by_row["two-stage"].items()
                       for r, i in enumerate(items, start=1)], columns=["user_id", "item_id", "rank"]
                      ).to_parquet(out_dir / "two_stage_lists.parquet", index=False)
         truth, _ = targets(moment.history, data.test)
-        lists = ranked_lists(fit, moment, list(truth), n, orders=list(SOURCES))
-        source_recall = {s: evaluate({u: [i for i, _ in v] for u, v in lists[s].items()}, truth,
-                                     len(fit.item_ids), ks=(n,), n_boot=0)[f"recall@{n}"] for s in SOURCES}
+        source_recall = {s: evaluate(lists_by_row[s], truth, len(fit.item_ids), ks=(n,), n_boot=0)[f"recall@{n}"]
+                         for s in SOURCES}
         source_recall["merged pool"] = table["merged pool"][f"recall@{n}"]
         report: dict[str, Any] = {
             "run_id": run_id, "fit": "protocol", "t_val": data.t_val.isoformat(), "t_test": data.t_test.isoformat(),
@@ -132,7 +132,8 @@ def register_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, 
             shutil.copytree(ranker["fits"][fit], bundle / fit)
         shutil.copytree(index["index_dir"], bundle / "index")
         n = report["pool_size"]
-        meta = {"run_id": run_id, "namespace": p["namespace"], "feature_service": "ranker_v1",
+        meta = {"model": model_name(p["namespace"]), "run_id": run_id, "namespace": p["namespace"],
+                "feature_service": "ranker_v1",
                 "t_val": report["t_val"], "t_test": report["t_test"],
                 "as_of": json.loads((Path(ranker["fits"]["serving"]) / "fit.json").read_text()).get("as_of"),
                 "data_snapshot_sha256": manifest.get("data", {}).get("snapshot_sha256"),

@@ -176,6 +176,27 @@ def _check_retrieval(run):
     assert len(client.get_metric_history(logged.info.run_id, "two_tower.trial0.loss")) == len(trial["history"])
 
 
+SERVING_PROBE = """
+import json, os, sys
+import pandas as pd
+from pipeline_tasks.online.bundle import open_bundle
+from pipeline_tasks.online.two_stage import Moment, candidate_blocks, load_fit, rank_block
+
+bundle = open_bundle(sys.argv[1])
+fit = load_fit(bundle.fit_dir("serving"))
+accepted = bundle.meta["accepted_dir"]
+history = pd.read_parquet(accepted + "/interactions.parquet")
+moment = Moment(history["timestamp"].max(), history, pd.read_parquet(accepted + "/items.parquet"))
+recs = [rank_block(fit, block, 20) for block in candidate_blocks(fit, moment, [sys.argv[2]], fill_k=20)][0]
+heavy = ("pyspark", "airflow", "optuna", "great_expectations", "evidently", "pipeline_tasks.retrieval",
+         "pipeline_tasks.stages", "pipeline_tasks.features", "pipeline_tasks.data", "pipeline_tasks.evaluation",
+         "pipeline_tasks.ranking", "pipeline_tasks.bundle", "mlflow")
+loaded = sorted({m for m in sys.modules if m.split(".")[0] in heavy or m.startswith(heavy)})
+print(json.dumps({"items": [i for i, _ in recs[sys.argv[2]]], "loaded": loaded}), flush=True)
+os._exit(0)
+"""
+
+
 def _check_ranking(run, registered):
     """Two-stage evaluation, no leakage into the ranker's candidates, the registry and the bundle round trip."""
     import numpy as np
@@ -244,6 +265,25 @@ def _check_ranking(run, registered):
         expected = lists[lists["user_id"] == user].sort_values("rank")["item_id"].tolist()
         assert got[got["user_id"] == user].sort_values("rank")["item_id"].tolist() == expected, user
     assert np.isfinite(got["score"]).all()
+
+    # A cold user and a request long after the newest snapshot: trending for the one, a warning (never nulls).
+    users_file.write_text("no_such_user\n" + users[0])
+    res = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", "recommend", "--users", str(users_file),
+                          "--k", "20", "--as-of", "1998-09-01T00:00:00+00:00", "--model", registered["model"],
+                          "--output", str(out)], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "past the newest feature snapshot" in res.stderr and "using the newest snapshot" in res.stderr
+    got = pd.read_parquet(out)
+    assert got.groupby("user_id").size().to_dict() == {"no_such_user": 20, users[0]: 20}
+    seen = set(data.everything.loc[data.everything["user_id"].astype(str) == users[0], "item_id"].astype(str))
+    assert not seen & set(got.loc[got["user_id"] == users[0], "item_id"])
+
+    # What serving will do: the champion's serving fit through `online` alone, no training code loaded.
+    probe = subprocess.run([sys.executable, "-c", SERVING_PROBE, str(bundle.path), users[0]],
+                           capture_output=True, text=True, check=False, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    served = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert len(served["items"]) == 20 and len(set(served["items"])) == 20 and served["loaded"] == []
 
 
 def test_csv_contract_directory(run_recsys, tmp_path, ml100k):

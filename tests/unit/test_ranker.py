@@ -16,6 +16,7 @@ from pipeline_tasks.ranking.ranker import (
     split_by_user,
     train_ranker,
     tune_ranker,
+    user_folds,
 )
 
 
@@ -40,6 +41,15 @@ def _ranking_set(n_queries: int = 120, per_query: int = 30, seed: int = 0) -> pd
     df.insert(0, QUERY_ID, np.repeat([f"q{i:03d}" for i in range(n_queries)], per_query))
     df.insert(1, LABEL, label)
     return df.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def test_user_folds_hold_each_query_out_once():
+    df = _ranking_set(n_queries=23, per_query=4)
+    folds = user_folds(df, 5, seed=0)
+    held = [set(h[QUERY_ID]) for _, h in folds]
+    assert sum(len(h) for h in held) == 23 and set().union(*held) == set(df[QUERY_ID])
+    for train, hold in folds:
+        assert not set(train[QUERY_ID]) & set(hold[QUERY_ID])
 
 
 def test_groups_are_contiguous_and_holdout_is_by_query(tmp_path):
@@ -72,17 +82,18 @@ def test_ranker_learns_and_is_deterministic(tmp_path):
     assert np.corrcoef(scores, hold[FEATURE_COLUMNS[0]])[0, 1] > 0.5
 
 
-def test_study_resumes_from_its_storage(tmp_path):
+@pytest.mark.parametrize("cv_below_rows", [0, 1_000_000], ids=["holdout", "cross-validation"])
+def test_study_resumes_from_its_storage(tmp_path, cv_below_rows):
     path = tmp_path / "set.parquet"
     _ranking_set(n_queries=60).to_parquet(path)
     df = load_ranking_set(path)
-    cfg = RankerConfig(n_trials=3, max_rounds=30, early_stopping_rounds=5, num_threads=1)
+    kw = {"max_rounds": 30, "early_stopping_rounds": 5, "num_threads": 1, "cv_below_rows": cv_below_rows}
     storage = tmp_path / "optuna" / "ns.db"
-    first = tune_ranker(df, cfg, storage, "ranker_run1")
+    first = tune_ranker(df, RankerConfig(n_trials=3, **kw), storage, "ranker_run1")
     assert first["n_trials"] == 3 and first["best_value"] > 0.5
+    assert first["selection"] == ("holdout by user" if cv_below_rows == 0 else "5-fold cross-validation by user")
     assert first["trials"]["params_learning_rate"].iloc[0] == pytest.approx(0.05)  # the documented defaults first
-    again = tune_ranker(df, RankerConfig(n_trials=4, max_rounds=30, early_stopping_rounds=5, num_threads=1),
-                        storage, "ranker_run1")
+    again = tune_ranker(df, RankerConfig(n_trials=4, **kw), storage, "ranker_run1")
     assert again["n_trials"] == 4  # a retry runs only what is missing
     with pytest.raises(InvalidParamsError, match="unknown ranker params"):
         RankerConfig.from_params({"trials": 3})
