@@ -61,7 +61,7 @@ def spark():
 # one config per model, fewer bootstrap resamples). The README's quality tables come from the
 # benchmark commands, not from this run.
 CI_TWO_TOWER = {"grid": [{"logq": "sample"}], "mf_grid": [{"logq": "sample", "lr": 5e-3}], "n_boot": 200}
-CI_RANKER = {"n_trials": 4, "timeout_s": 60}
+CI_RANKER = {"n_trials": 2, "timeout_s": 60}
 
 
 @dataclass

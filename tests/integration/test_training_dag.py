@@ -4,6 +4,7 @@ every fault injected, on a failing quality gate, on MovieLens 100K and on a CSV 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_quality_gate_fails_the_run_without_retry(run_recsys):
     assert len(q) > 0
 
 
-def test_movielens_100k(ml100k_run, ml100k, bench_protocol):
+def test_movielens_100k(ml100k_run, ml100k, bench_protocol, caplog):
     run = ml100k_run.run
     report = _read_json(run.run_dir / "validate" / "report.json")
     assert report["tables"]["interactions"] == {"input": 100_000, "accepted": 100_000, "quarantined": 0,
@@ -117,7 +118,7 @@ def test_movielens_100k(ml100k_run, ml100k, bench_protocol):
     assert (run.run_dir / "drift_check" / "drift_report.html").stat().st_size > 100_000
     _check_feature_history(run)
     _check_retrieval(run)
-    _check_ranking(run, ml100k_run.registered)
+    _check_ranking(run, ml100k_run.registered, caplog)
 
 
 def _check_feature_history(run):
@@ -197,7 +198,7 @@ os._exit(0)
 """
 
 
-def _check_ranking(run, registered):
+def _check_ranking(run, registered, caplog):
     """Two-stage evaluation, no leakage into the ranker's candidates, the registry and the bundle round trip."""
     import numpy as np
 
@@ -268,11 +269,16 @@ def _check_ranking(run, registered):
 
     # A cold user and a request long after the newest snapshot: trending for the one, a warning (never nulls).
     users_file.write_text("no_such_user\n" + users[0])
-    res = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", "recommend", "--users", str(users_file),
-                          "--k", "20", "--as-of", "1998-09-01T00:00:00+00:00", "--model", registered["model"],
-                          "--output", str(out)], capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "past the newest feature snapshot" in res.stderr and "using the newest snapshot" in res.stderr
+    from typer.testing import CliRunner
+
+    from pipeline_tasks.cli import app
+
+    with caplog.at_level(logging.WARNING, logger="pipeline_tasks.bundle.recommend"):
+        res = CliRunner().invoke(app, ["recommend", "--users", str(users_file), "--k", "20", "--as-of",
+                                       "1998-09-01T00:00:00+00:00", "--model", registered["model"],
+                                       "--output", str(out)])
+    assert res.exit_code == 0, res.output[-3000:]
+    assert "past the newest feature snapshot" in caplog.text and "using the newest snapshot" in caplog.text
     got = pd.read_parquet(out)
     assert got.groupby("user_id").size().to_dict() == {"no_such_user": 20, users[0]: 20}
     seen = set(data.everything.loc[data.everything["user_id"].astype(str) == users[0], "item_id"].astype(str))
