@@ -30,6 +30,26 @@ LABEL = "label"
 SOURCE_KEYS = ("two_tower", "i2i", "content", "trending", "popularity")
 
 
+def truth_keys(users: Sequence[str], truth: dict[str, set[str]], index: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``row * n_items + item`` keys of each block user's relevant items, and each row's count."""
+    n = len(index)
+    rows, cols = [], []
+    for r, user in enumerate(users):
+        idx = index.get_indexer(list(truth[user]))
+        rows.append(np.full(len(idx), r, dtype=np.int64))
+        cols.append(idx)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    counts = np.array([len(truth[u]) for u in users], dtype=np.float64)
+    return np.sort(r[c >= 0] * n + c[c >= 0]), counts
+
+
+def recall_sum(keys: np.ndarray, truth_keys: np.ndarray, counts: np.ndarray, n_items: int) -> float:
+    """Sum over rows of (retrieved relevant items / relevant items), from ``row * n_items + item`` keys."""
+    unique = np.unique(keys)
+    rows = unique[np.isin(unique, truth_keys)] // n_items
+    return float((np.bincount(rows, minlength=len(counts)) / counts).sum())
+
+
 def label_grades(history: pd.DataFrame, future: pd.DataFrame) -> pd.DataFrame:
     """``user_id, item_id, label``: each user's new items in ``future`` (not in ``history``) with their best grade."""
     seen = pd.MultiIndex.from_frame(history[[USER_ID, ITEM_ID]].astype(str).drop_duplicates())
@@ -72,7 +92,8 @@ def build_ranking_set(fit: Fit, moment: Moment, labels: pd.DataFrame, out_path: 
     label_key = label_key[~label_key.index.duplicated()]
     writer: pq.ParquetWriter | None = None
     rows = queries = with_positive = positives = 0
-    recall_sum = 0.0
+    recall_total = 0.0
+    item_index = pd.Index(fit.item_ids)
     source_sum = {s: 0.0 for s in SOURCE_KEYS}
     labelled = 0
     try:
@@ -91,15 +112,18 @@ def build_ranking_set(fit: Fit, moment: Moment, labels: pd.DataFrame, out_path: 
             hits = frame[frame[LABEL] > 0].groupby(USER_ID).size()
             with_positive += len(hits)
             positives += int(hits.sum())
-            for row, user in enumerate(block.user_ids):
-                truth = label_sets.get(user)
-                if not truth:
-                    continue
-                labelled += 1
-                recall_sum += hits.get(user, 0) / len(truth)
+            labelled_users = [u for u in block.user_ids if label_sets.get(u)]
+            if labelled_users:
+                labelled += len(labelled_users)
+                recall_total += float(sum(hits.get(u, 0) / len(label_sets[u]) for u in labelled_users))
+                rows_of = {u: r for r, u in enumerate(block.user_ids)}
+                wanted, counts = truth_keys(labelled_users, label_sets, item_index)
+                picked = np.array([rows_of[u] for u in labelled_users])
                 for s, (idx, _) in block.source_lists.items():
-                    got = {fit.item_ids[i] for i in idx[row] if i >= 0}
-                    source_sum[s] += len(got & truth) / len(truth)
+                    sub = idx[picked]
+                    r, c = np.nonzero(sub >= 0)
+                    source_sum[s] += recall_sum(r.astype(np.int64) * len(item_index) + sub[r, c], wanted, counts,
+                                                len(item_index))
     finally:
         if writer is not None:
             writer.close()
@@ -112,7 +136,7 @@ def build_ranking_set(fit: Fit, moment: Moment, labels: pd.DataFrame, out_path: 
     stats = RankingSetStats(
         path=str(out_path), rows=rows, queries=queries, queries_with_positive=with_positive,
         positives_in_pool=positives, label_items=int(len(labels)),
-        pool_recall=round(recall_sum / labelled, 4) if labelled else 0.0,
+        pool_recall=round(recall_total / labelled, 4) if labelled else 0.0,
         source_recall={s: round(v / labelled, 4) if labelled else 0.0 for s, v in source_sum.items()},
         seconds=round(seconds, 2), rows_per_second=round(rows / seconds, 1) if seconds > 0 else 0.0)
     log.info("ranking set %s: %d rows, %d queries (%d with a positive), pool recall %.3f, %.0f rows/s", out_path,

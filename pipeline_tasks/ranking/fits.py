@@ -39,6 +39,7 @@ from pipeline_tasks.online.candidates import (
     source_lists,
 )
 from pipeline_tasks.online.two_stage import Fit, Moment
+from pipeline_tasks.ranking.dataset import recall_sum, truth_keys
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ def choose_candidates(fit: Fit, moment: Moment, truth: dict[str, set[str]], base
 
     Every source is computed once per block of users; only the cheap fusion is repeated per combination.
     """
-    users = list(truth)
+    users = choice_users(truth)
+    index = pd.Index(fit.item_ids)
+    n_items = len(index)
     catalog = ItemTable.build(moment.items, fit.item_ids, moment.at)
     hist = moment.history[moment.history[TIMESTAMP] < moment.at]
     popularity = item_counts(hist, fit.item_ids, moment.at)
@@ -113,27 +116,28 @@ def choose_candidates(fit: Fit, moment: Moment, truth: dict[str, set[str]], base
     item_vectors = fit.model.item_embeddings(moment.item_rows) if fit.model is not None else None
     combos = [(d, w) for d in trending_grid for w in weight_grid]
     hits = np.zeros(len(combos))
-    step = max(1, BLOCK_CELLS // max(len(fit.item_ids), 1))
-    ids = np.asarray(fit.item_ids, dtype=object)
+    step = max(1, BLOCK_CELLS // max(n_items, 1))
+    everything = replace(base, weights={s: 1.0 for s in base.weights})
+    only_trending = replace(everything, weights={"trending": 1.0})
     for start in range(0, len(users), step):
         chunk = users[start:start + step]
         history = UserHistory.build(hist, chunk, fit.item_ids, moment.at, base, moment.users)
         user_vectors = fit.model.user_embeddings(chunk, hist, moment.user_rows, moment.users) \
             if fit.model is not None else None
-        everything = replace(base, weights={s: 1.0 for s in base.weights})
         lists = source_lists(user_vectors, item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
                              trending[trending_grid[0]], popularity, everything)
+        # Each trending window's list once (the other sources do not depend on it).
+        trend_lists = {d: source_lists(None, None, history, slice(0, len(chunk)), fit.graph, catalog, trending[d],
+                                       popularity, only_trending) for d in trending_grid}
+        wanted, counts = truth_keys(chunk, truth, index)
         for c, (days, weights) in enumerate(combos):
             cfg = replace(base, weights=dict(weights), trending_days=days)
-            lists_d = source_lists(None, None, history, slice(0, len(chunk)), fit.graph, catalog, trending[days],
-                                   popularity, replace(everything, weights={"trending": 1.0}))
-            lists.lists["trending"] = lists_d.lists["trending"]
-            lists.dense["trending"] = lists_d.dense["trending"]
+            lists.lists["trending"] = trend_lists[days].lists["trending"]
+            lists.dense["trending"] = trend_lists[days].dense["trending"]
             pool = fuse(lists, cfg)
             pool = pool[pool["pool_rank"] <= cfg.pool_size]  # pool recall@N: the fused order's first N
-            got = pd.Series(ids[pool["item"].to_numpy()]).groupby(pool["row"].to_numpy()).agg(set)
-            for row, user in enumerate(chunk):
-                hits[c] += len(got.get(row, set()) & truth[user]) / len(truth[user])
+            keys = pool["row"].to_numpy(np.int64) * n_items + pool["item"].to_numpy(np.int64)
+            hits[c] += recall_sum(keys, wanted, counts, n_items)
     recall = hits / max(len(users), 1)
     table = [{"trending_days": d, "weights": w, "pool_recall": round(float(r), 4)}
              for (d, w), r in zip(combos, recall, strict=True)]
@@ -144,13 +148,29 @@ def choose_candidates(fit: Fit, moment: Moment, truth: dict[str, set[str]], base
     return chosen, table
 
 
+# Users the validation choices (graph, fusion) are scored on at most: recall over a few thousand users
+# separates the options as well as over all of them, and the choice stays minutes at any data size.
+CHOICE_USERS = 3000
+
+
+def choice_users(truth: dict[str, set[str]], seed: int = 0) -> list[str]:
+    """A seeded sample of at most :data:`CHOICE_USERS` validation users (all of them when fewer)."""
+    users = sorted(truth)
+    if len(users) <= CHOICE_USERS:
+        return users
+    rng = np.random.default_rng(seed)
+    return sorted(users[i] for i in rng.choice(len(users), size=CHOICE_USERS, replace=False))
+
+
 def choose_graph(fit: Fit, moment: Moment, truth: dict[str, set[str]], base: CandidateConfig,
                  content: np.ndarray | None, grid: Sequence[dict[str, Any]] = GRAPH_GRID
                  ) -> tuple[CandidateConfig, Any, list[dict[str, Any]]]:
     """The item-to-item graph with the best i2i recall@N on the validation window: (config, graph, table)."""
     from pipeline_tasks.online.candidates import EASE_MAX_ITEMS, ItemTable, UserHistory, source_lists
 
-    users = list(truth)
+    users = choice_users(truth)
+    index = pd.Index(fit.item_ids)
+    n_items = len(index)
     catalog = ItemTable.build(moment.items, fit.item_ids, moment.at)
     hist = moment.history[moment.history[TIMESTAMP] < moment.at]
     zeros = np.zeros(len(fit.item_ids), np.float32)
@@ -167,9 +187,9 @@ def choose_graph(fit: Fit, moment: Moment, truth: dict[str, set[str]], base: Can
         for start in range(0, len(users), step):
             rows = slice(start, min(start + step, len(users)))
             idx = source_lists(None, None, history, rows, graph, catalog, zeros, zeros, only_i2i).lists["i2i"][0]
-            for r, user in enumerate(users[rows]):
-                got = {fit.item_ids[i] for i in idx[r] if i >= 0}
-                hits += len(got & truth[user]) / len(truth[user])
+            wanted, counts = truth_keys(users[rows], truth, index)
+            r, c = np.nonzero(idx >= 0)
+            hits += recall_sum(r.astype(np.int64) * n_items + idx[r, c], wanted, counts, n_items)
         recall = hits / max(len(users), 1)
         table.append({**option, "i2i_recall": round(recall, 4)})
         if best is None or recall > best[0]:
