@@ -148,6 +148,7 @@ def test_refresh_makes_new_items_retrievable(run_recsys, tmp_path):
     index = load_serving_index(bundle)
     assert {"new_jazz_record", "new_space_book"} <= set(index.item_ids.tolist())
     model = load_model(bundle.path / "serving" / "two_tower")  # the model that embedded the bundle's index
+    assert model.info["trained_until"] == "as_of"  # the serving fit: the chosen config on every window
     users = [fan, control]
     queries = model.user_embeddings(users, accepted)
     seen = [set(accepted.loc[accepted["user_id"] == u, "item_id"]) for u in users]
