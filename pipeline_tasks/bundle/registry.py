@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline_tasks.core.errors import InvalidParamsError, PermanentError
+from pipeline_tasks.core.params import known_params
 from pipeline_tasks.core.settings import Settings
 from pipeline_tasks.online.bundle import GATE_REASON_TAG, GATE_TAG, aliases_of, client
 
@@ -41,11 +42,7 @@ class GateConfig:
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any] | None) -> GateConfig:
-        p = dict(p or {})
-        unknown = set(p) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InvalidParamsError(f"unknown gate params {sorted(unknown)}; known: metrics, tolerance")
-        cfg = cls(**p)
+        cfg = cls(**known_params(cls, p, "gate"))
         if cfg.tolerance < 0:
             raise InvalidParamsError(f"gate.tolerance={cfg.tolerance}: use an absolute difference >= 0")
         return cfg

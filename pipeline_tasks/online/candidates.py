@@ -42,6 +42,7 @@ import scipy.sparse as sp
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.core.errors import InvalidParamsError
+from pipeline_tasks.core.params import known_params
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,7 @@ class CandidateConfig:
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any] | None) -> CandidateConfig:
-        p = dict(p or {})
-        unknown = set(p) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InvalidParamsError(f"unknown candidates params {sorted(unknown)}; known: "
-                                     f"{sorted(cls.__dataclass_fields__)}")
+        p = known_params(cls, p, "candidates")
         if "weights" in p:
             p["weights"] = {**cls().weights, **p["weights"]}
         return cls(**p)

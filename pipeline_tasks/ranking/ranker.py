@@ -21,6 +21,7 @@ import pandas as pd
 
 from pipeline_tasks.core.constants import SEED
 from pipeline_tasks.core.errors import InvalidParamsError
+from pipeline_tasks.core.params import known_params
 from pipeline_tasks.online.ranking_features import FEATURE_COLUMNS, PRIOR, QUERY_ID, prior_scores
 from pipeline_tasks.ranking.dataset import LABEL
 
@@ -58,12 +59,7 @@ class RankerConfig:
 
     @classmethod
     def from_params(cls, p: Mapping[str, Any] | None) -> RankerConfig:
-        p = dict(p or {})
-        unknown = set(p) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InvalidParamsError(f"unknown ranker params {sorted(unknown)}; known: "
-                                     f"{sorted(cls.__dataclass_fields__)}")
-        return cls(**p)
+        return cls(**known_params(cls, p, "ranker"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
