@@ -42,6 +42,8 @@ Daily. A run looks at all events up to its `as_of` and writes everything under
 - `register`: the bundle (towers, index + checksums, ranker, feature service, config, metrics, data hash, code)
   as a new version of the MLflow model `recsys_<namespace>`; the gate decides `champion` / `challenger`; a
   failed gate fails this task, registers the version as failed and leaves the aliases untouched.
+- `build_bento`: `bentoml build` of that version (service, bundle, serving snapshot) as the Bento
+  `<model>:v<version>`, labelled with the run; the tag is recorded on the model version in MLflow.
 
 The params are resolved once by `ingest` (defaults, then `RECSYS_*` settings, then the run's params) into the
 run's `manifest.json`; every later task reads them from there.
@@ -248,6 +250,16 @@ def recsys_training() -> None:
 
         return register_stage(run_id, cands, ranker, index, evaluated)
 
+    @task(doc_md="`bentoml build` of the registered bundle version: service, bundle and serving snapshot in one "
+                 "Bento tagged `<model>:v<version>` (one per run); the tag is recorded on the MLflow model version. "
+                 "Serve it with `bentoml serve <tag>` or `recsys serve --model-version <version>`.",
+          execution_timeout=LONG)
+    @fail_fast
+    def build_bento(registered: dict, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.bundle import build_bento_stage
+
+        return build_bento_stage(run_id, registered)
+
     # Groups only draw the stages in the UI (prefix_group_id=False): task ids stay what the docs and CLI say.
     with TaskGroup("data", prefix_group_id=False, tooltip="ingest, validate, split"):
         validated = validate(ingest())
@@ -266,8 +278,9 @@ def recsys_training() -> None:
         cands = candidates(validated, split_out, trained)
         rsets = ranking_set(cands)
         ranker = train_ranker(cands, rsets, tune_ranker(rsets))
-    with TaskGroup("release", prefix_group_id=False, tooltip="evaluation against the champion, registry and gate"):
+    with TaskGroup("release", prefix_group_id=False,
+                   tooltip="evaluation against the champion, registry and gate, the run's Bento"):
         evaluated = evaluate(cands, ranker)
-        register(cands, ranker, index, evaluated)
+        build_bento(register(cands, ranker, index, evaluated))
 
 recsys_training()

@@ -503,6 +503,75 @@ def recommend(
                            "output": str(out)}, indent=2))
 
 
+def serving_snapshot(bundle: Any, as_of: str | None, data_dir: Path | None, rebuild: bool) -> Path:
+    """The bundle's serving snapshot at ``as_of`` under ``$RECSYS_HOME/serving/``, written when missing."""
+    from pipeline_tasks.bundle.recommend import as_utc, snapshot_moment, write_snapshot
+
+    at = as_utc(as_of) if as_of else snapshot_moment(bundle)
+    key = at.strftime("%Y%m%dT%H%M%S") + ("" if data_dir is None else "-" + data_dir.name)
+    target = load_settings().home / "serving" / bundle.name / f"v{bundle.version}" / f"snapshot-{key}"
+    if rebuild or not (target / "snapshot.json").exists():
+        write_snapshot(bundle, target, at, data_dir=data_dir)
+    return target
+
+
+def serve_env(bundle_dir: Path, snapshot_dir: Path, state: str, epsilon: float, shown_filter: bool,
+              workers: int) -> dict[str, str]:
+    """The environment ``serving.service`` reads (see its docstring)."""
+    env = dict(os.environ)
+    env.update(RECSYS_BUNDLE_DIR=str(bundle_dir), RECSYS_SNAPSHOT_DIR=str(snapshot_dir), RECSYS_STATE=state,
+               RECSYS_EPSILON=str(epsilon), RECSYS_FILTER_SHOWN="1" if shown_filter else "0",
+               RECSYS_HOME=str(load_settings().home),
+               BENTOML_CONFIG_OPTIONS=f"services.RecsysService.workers={workers}")
+    env.setdefault("RECSYS_REDIS_URL", load_settings().redis_url)
+    return env
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="registered model name (default: the one of --data, or the "
+                                                   "only one)")] = None,
+    model_version: Annotated[int | None, typer.Option(help="bundle version (default: the alias's)")] = None,
+    alias: Annotated[str, typer.Option(help="alias to serve when no --model-version is given")] = "champion",
+    data: Annotated[str | None, typer.Option(
+        help="contract DIR for histories and servability (default: the bundle's accepted data)")] = None,
+    as_of: Annotated[str | None, typer.Option(help="the snapshot moment (default: the bundle's as_of)")] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 3000,
+    state: Annotated[str, typer.Option(help="local (one worker, state in process) or redis (production)")] =
+        "local",
+    workers: Annotated[int, typer.Option(help="worker processes (more than 1 needs --state redis)")] = 1,
+    epsilon: Annotated[float, typer.Option(help="epsilon-greedy exploration (0 = off)")] = 0.0,
+    no_shown_filter: Annotated[bool, typer.Option("--no-shown-filter",
+                                                  help="serve recently shown items again")] = False,
+    rebuild_snapshot: Annotated[bool, typer.Option("--rebuild-snapshot",
+                                                   help="rewrite the serving snapshot")] = False,
+) -> None:
+    """Serve a registered bundle over HTTP (BentoML): POST /recommend, POST /feedback, /readyz, /metrics."""
+    from pipeline_tasks.online.bundle import load_bundle
+
+    _setup_logging(False)
+    disable_telemetry()
+    if state not in ("local", "redis"):
+        raise _fail(f"--state {state!r}: use local or redis")
+    if workers < 1 or (workers > 1 and state == "local"):
+        raise _fail(f"--workers {workers}: use 1 with --state local (workers share state only through Redis)")
+    if not 0.0 <= epsilon <= 1.0:
+        raise _fail(f"--epsilon {epsilon}: use a probability in [0, 1]")
+    name = _model_name(data, model)
+    try:
+        bundle = load_bundle(name, version=model_version, alias=alias)
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    data_dir = _abs(Path(data)) if data and not data.startswith(("movielens:", "synthetic")) else None
+    snapshot = serving_snapshot(bundle, as_of, data_dir, rebuild_snapshot)
+    env = serve_env(bundle.path, snapshot, state, epsilon, not no_shown_filter, workers)
+    typer.echo(f"serving {bundle.name} version {bundle.version} on http://{host}:{port} (snapshot {snapshot})")
+    bentoml = Path(sys.executable).with_name("bentoml")
+    os.execve(str(bentoml), [str(bentoml), "serve", "serving.service:RecsysService", "--host", host,
+                             "--port", str(port)], env)
+
+
 models_app = typer.Typer(help="Registered bundle versions: list them, promote one to champion.",
                          invoke_without_command=True)
 app.add_typer(models_app, name="models")

@@ -21,7 +21,10 @@ def pytest_configure(config: pytest.Config) -> None:
     """Before anything imports Airflow: an isolated RECSYS_HOME / AIRFLOW_HOME, telemetry off."""
     from pipeline_tasks.core.settings import airflow_env, load_settings
 
-    home = Path(tempfile.mkdtemp(prefix="recsys-test-home-"))
+    # RECSYS_TEST_HOME reuses a home (with RECSYS_TEST_RUN, see tests/integration/conftest.py) when iterating
+    # on tests locally; CI always gets a fresh one.
+    reuse = os.environ.get("RECSYS_TEST_HOME")
+    home = Path(reuse) if reuse else Path(tempfile.mkdtemp(prefix="recsys-test-home-"))
     os.environ["RECSYS_HOME"] = str(home)
     for key in ("RECSYS_ARTIFACT_ROOT", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER"):
         os.environ.pop(key, None)

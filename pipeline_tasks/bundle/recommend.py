@@ -23,7 +23,7 @@ import pandas as pd
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.core.settings import Settings, load_settings
 from pipeline_tasks.online.bundle import Bundle
-from pipeline_tasks.online.two_stage import RULES_ORDER, Moment, load_fit, ranked_lists
+from pipeline_tasks.online.two_stage import RULES_ORDER, Fit, Moment, Prepared, load_fit, prepare, ranked_lists
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +54,29 @@ def _read_contract(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
     return inter, tables.items, users
 
 
-def recommend(bundle: Bundle, user_ids: Sequence[str], k: int, as_of: pd.Timestamp | str,
-              data_dir: str | Path | None = None, fit: str = "serving", rules: bool = True,
-              settings: Settings | None = None) -> pd.DataFrame:
-    """``user_id, item_id, rank, score`` for each user (k rows each when the catalog allows)."""
+def as_utc(ts: pd.Timestamp | str) -> pd.Timestamp:
+    at = pd.Timestamp(ts)
+    return at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")
+
+
+def load_moment(bundle: Bundle, as_of: pd.Timestamp | str, user_ids: Sequence[str] | None,
+                data_dir: str | Path | None = None, fit: str = "serving",
+                settings: Settings | None = None) -> tuple[Fit, Moment]:
+    """The fit and what is known at ``as_of``: history before it from ``data_dir`` (default: the bundle's
+    accepted data), the catalog, and Feast point-in-time rows of ``user_ids`` (None: every user with history)
+    and of the fit's items."""
     from pipeline_tasks.features.history import features_at
 
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"k={k}: use 1..{MAX_K}")
-    started = time.perf_counter()
-    at = pd.Timestamp(as_of)
-    at = at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")
+    at = as_utc(as_of)
     source = Path(data_dir) if data_dir is not None else Path(bundle.meta["accepted_dir"])
     interactions, items, users = _read_contract(source)
+    history = interactions[interactions[TIMESTAMP] < at]
     loaded = load_fit(bundle.fit_dir(fit))
     ns_settings = dataclasses.replace(settings or load_settings(), namespace=bundle.meta["namespace"])
     newest = newest_snapshot_end(ns_settings)
     user_rows = item_rows = None
+    if user_ids is None:
+        user_ids = history[USER_ID].astype(str).unique().tolist()
     if newest is not None:
         moment = min(at, newest)
         if at - newest > FEATURE_TTL:
@@ -82,9 +88,20 @@ def recommend(bundle: Bundle, user_ids: Sequence[str], k: int, as_of: pd.Timesta
     else:
         log.warning("no feature snapshots for namespace %s: ranking without store features",
                     bundle.meta["namespace"])
-    moment_obj = Moment(at, interactions[interactions[TIMESTAMP] < at], items, users, user_rows, item_rows)
+    return loaded, Moment(at, history, items, users, user_rows, item_rows)
+
+
+def recommend(bundle: Bundle, user_ids: Sequence[str], k: int, as_of: pd.Timestamp | str,
+              data_dir: str | Path | None = None, fit: str = "serving", rules: bool = True,
+              settings: Settings | None = None) -> pd.DataFrame:
+    """``user_id, item_id, rank, score`` for each user (k rows each when the catalog allows)."""
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k={k}: use 1..{MAX_K}")
+    started = time.perf_counter()
+    ids = [str(u) for u in user_ids]
+    loaded, moment = load_moment(bundle, as_of, ids, data_dir, fit, settings)
     order = RULES_ORDER if rules else "ranker"
-    lists = ranked_lists(loaded, moment_obj, [str(u) for u in user_ids], k, orders=[order])[order]
+    lists = ranked_lists(loaded, moment, ids, k, orders=[order])[order]
     rows = [(u, item, rank, score) for u, recs in lists.items() for rank, (item, score) in enumerate(recs, start=1)]
     out = pd.DataFrame(rows, columns=[USER_ID, ITEM_ID, "rank", "score"])
     log.info("recommended %d items to %d users with %s version %d (%s fit) in %.1f s", len(out), len(lists),
@@ -106,3 +123,42 @@ def describe(bundle: Bundle) -> dict[str, Any]:
     """A short description of a bundle for the CLI."""
     return {"model": bundle.name, "version": bundle.version, "aliases": bundle.aliases, "run_id":
             bundle.meta.get("run_id"), "t_test": bundle.meta.get("t_test"), "as_of": bundle.meta.get("as_of")}
+
+
+def snapshot_moment(bundle: Bundle) -> pd.Timestamp:
+    """The default moment a service answers at: the bundle's ``as_of`` (the end of its serving fit's data)."""
+    value = bundle.meta.get("as_of")
+    if not value:
+        raise ValueError(f"bundle {bundle.path} has no as_of; give the service's as_of explicitly")
+    return as_utc(value)
+
+
+def serving_state(bundle: Bundle, as_of: pd.Timestamp | str | None = None, data_dir: str | Path | None = None,
+                  fit: str = "serving", settings: Settings | None = None) -> Prepared:
+    """Everything a service holds in memory to answer any user at ``as_of`` (default: the bundle's): the fit,
+    history, catalog, every known user's and item's Feast rows, trending and popularity counts, embeddings."""
+    started = time.perf_counter()
+    at = as_utc(as_of) if as_of is not None else snapshot_moment(bundle)
+    loaded, moment = load_moment(bundle, at, None, data_dir, fit, settings)
+    state = prepare(loaded, moment)
+    log.info("serving state of %s version %d (%s fit) at %s: %d users, %d items, %d events, in %.1f s",
+             bundle.name, bundle.version, fit, at.isoformat(), len(state.rows_of), len(loaded.item_ids),
+             len(state.history), time.perf_counter() - started)
+    return state
+
+
+def write_snapshot(bundle: Bundle, out_dir: str | Path, as_of: pd.Timestamp | str | None = None,
+                   data_dir: str | Path | None = None, fit: str = "serving",
+                   settings: Settings | None = None) -> Path:
+    """The serving snapshot of ``bundle`` at ``as_of`` (default: the bundle's), read exactly as
+    ``recsys recommend --as-of`` reads it (:func:`load_moment`), for every user with history."""
+    from pipeline_tasks.online.snapshot import save_snapshot
+
+    started = time.perf_counter()
+    at = as_utc(as_of) if as_of is not None else snapshot_moment(bundle)
+    _, moment = load_moment(bundle, at, None, data_dir, fit, settings)
+    out = save_snapshot(moment, out_dir, {"model": bundle.name, "version": bundle.version, "fit": fit,
+                                          "data_dir": str(data_dir or bundle.meta.get("accepted_dir"))})
+    log.info("serving snapshot of %s version %d at %s written to %s in %.1f s", bundle.name, bundle.version,
+             at.isoformat(), out, time.perf_counter() - started)
+    return out

@@ -62,6 +62,8 @@ def key_figure(task: str, info: dict[str, Any]) -> str:
             return ", ".join(f"{k} {v:.3f}" for k, v in out["headline"].items()) + " (two-stage, test)"
         if task == "register":
             return f"{out['model']} v{out['version']}: gate {out['gate']} -> {out['alias'] or 'no alias'}"
+        if task == "build_bento":
+            return f"Bento {out['tag']}"
         if task == "refresh_items":
             return f"{out.get('status')}, {_n(out.get('added', 0))} new items"
     except (KeyError, TypeError, ValueError, AttributeError):
@@ -148,6 +150,9 @@ def summary_lines(manifest: dict[str, Any], manifest_path: Path, mlflow_uri: str
     if registered.get("model"):
         lines.append(f"  registry      : {registered['model']} version {registered['version']}, gate "
                      f"{registered['gate']} -> {registered.get('alias') or 'aliases untouched'}; `recsys models`")
+    bento = (tasks.get("build_bento") or {}).get("outputs") or {}
+    if bento.get("tag"):
+        lines.append(f"  Bento         : {bento['tag']}; serve it: {bento['serve']} (or `recsys serve`)")
     if trained.get("mlflow_run_id"):
         lines.append(f"  MLflow        : experiment {trained.get('mlflow_experiment')}, run {trained['mlflow_run_id']}")
         if mlflow_uri.startswith("sqlite:///"):

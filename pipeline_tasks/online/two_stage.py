@@ -11,12 +11,13 @@ A fit directory holds ``two_tower/`` (:mod:`pipeline_tasks.online.two_tower`), `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -119,7 +120,74 @@ class Block:
     source_lists: dict[str, tuple[np.ndarray, np.ndarray]]  # each source's own top lists (catalog indices)
 
 
-def _requests(moment: Moment, user_ids: Sequence[str]) -> pd.DataFrame:
+@dataclass
+class Prepared:
+    """What every request at one moment shares, computed once: the catalog's servability, trending and
+    popularity counts, item embeddings and categories, and an index of each user's history rows.
+
+    ``recsys recommend`` builds it once per call and the service once per load; both then answer blocks of
+    users through :func:`user_blocks`. ``fresh_source`` (the service's) returns events that arrived after it
+    was built (feedback), appended to their user's history.
+    """
+
+    fit: Fit
+    moment: Moment
+    catalog: ItemTable
+    history: pd.DataFrame  # interactions before the moment
+    trending: np.ndarray
+    popularity: np.ndarray
+    item_vectors: np.ndarray | None
+    category: pd.Series  # item id -> category
+    rows_of: dict[str, np.ndarray]  # user id -> positions in `history`
+    fresh_source: Callable[[list[str]], pd.DataFrame | None] | None = None
+
+    def history_of(self, user_ids: Sequence[str]) -> pd.DataFrame:
+        """The history rows of these users (fresh events included), in time order per user."""
+        parts = [self.rows_of[u] for u in user_ids if u in self.rows_of]
+        base = self.history.iloc[np.concatenate(parts)] if parts else self.history.iloc[:0]
+        extra = self.fresh_source(list(user_ids)) if self.fresh_source is not None else None
+        if extra is None or not len(extra):
+            return base
+        return pd.concat([base, extra.astype(base.dtypes.to_dict(), errors="ignore")], ignore_index=True)
+
+
+class VectorCache(Protocol):
+    """Where user embeddings are kept between requests (in process, or Redis in the production profile)."""
+
+    def get_many(self, user_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def set_many(self, vectors: Mapping[str, np.ndarray]) -> None: ...
+
+
+def _user_vectors(fit: Fit, user_ids: list[str], hist: pd.DataFrame, moment: Moment,
+                  cache: VectorCache | None) -> np.ndarray:
+    """The users' two-tower embeddings, from ``cache`` where it has them."""
+    have = cache.get_many(user_ids) if cache is not None else {}
+    missing = [u for u in user_ids if u not in have]
+    if missing:
+        fresh = fit.model.user_embeddings(missing, hist, moment.user_rows, moment.users)
+        computed = dict(zip(missing, fresh, strict=True))
+        if cache is not None:
+            cache.set_many(computed)
+        have = {**have, **computed}
+    return np.stack([np.asarray(have[u], np.float32) for u in user_ids])
+
+
+def prepare(fit: Fit, moment: Moment) -> Prepared:
+    """The shared state of requests at ``moment`` (see :class:`Prepared`)."""
+    cfg = fit.config
+    catalog = ItemTable.build(moment.items, fit.item_ids, moment.at)
+    hist = moment.history[moment.history[TIMESTAMP] < moment.at]
+    trending = item_counts(hist, fit.item_ids, moment.at, days=cfg.trending_days)
+    popularity = item_counts(hist, fit.item_ids, moment.at)
+    item_vectors = fit.model.item_embeddings(moment.item_rows) if fit.model is not None else None
+    category = pd.Series(catalog.category, index=fit.item_ids)
+    rows_of = pd.Series(np.arange(len(hist))).groupby(hist[USER_ID].astype(str).to_numpy()).indices
+    return Prepared(fit, moment, catalog, hist, trending, popularity, item_vectors, category,
+                    {str(u): np.asarray(r) for u, r in rows_of.items()})
+
+
+def _requests(moment: Moment, user_ids: Sequence[str], hist: pd.DataFrame) -> pd.DataFrame:
     """One request per user at the moment: device and location of their latest event (or the given ones)."""
     req = pd.DataFrame({QUERY_ID: list(user_ids), "request_timestamp": moment.at})
     if moment.requests is not None:
@@ -128,8 +196,7 @@ def _requests(moment: Moment, user_ids: Sequence[str]) -> pd.DataFrame:
         for col in ("device", "location"):
             req[col] = given[col].reindex(req[QUERY_ID]).to_numpy() if col in given else None
         return req
-    h = moment.history[moment.history[TIMESTAMP] < moment.at]
-    h = h[h[USER_ID].astype(str).isin(set(user_ids))]
+    h = hist[hist[USER_ID].astype(str).isin(set(user_ids))]
     latest = h.sort_values(TIMESTAMP, kind="stable").drop_duplicates(USER_ID, keep="last")
     latest = latest.set_index(latest[USER_ID].astype(str))
     for col in ("device", "location"):
@@ -138,27 +205,43 @@ def _requests(moment: Moment, user_ids: Sequence[str]) -> pd.DataFrame:
 
 
 def candidate_blocks(fit: Fit, moment: Moment, user_ids: Sequence[str], fill_k: int = 0,
-                     block_users: int | None = None) -> Iterator[Block]:
+                     block_users: int | None = None, prepared: Prepared | None = None) -> Iterator[Block]:
     """The pool and feature rows of each block of ``user_ids`` at ``moment`` (one query per user)."""
+    state = prepared if prepared is not None else prepare(fit, moment)
+    yield from user_blocks(state, user_ids, fill_k, block_users)
+
+
+def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
+                block_users: int | None = None, requests: pd.DataFrame | None = None,
+                vectors: VectorCache | None = None) -> Iterator[Block]:
+    """The pool and feature rows of each block of ``user_ids`` from a prepared moment.
+
+    ``requests`` (``user_id``, ``device``, ``location``) is each user's request context (default: the moment's,
+    else their latest event's); a given location is also the region servability is checked for. ``vectors``
+    caches user embeddings between calls (the service's cache; invalidated when a user's history changes).
+    """
     ids = [str(u) for u in user_ids]
+    fit, moment, catalog = state.fit, state.moment, state.catalog
+    if requests is not None:
+        moment = dataclasses.replace(moment, requests=requests)
     cfg = fit.config
-    catalog = ItemTable.build(moment.items, fit.item_ids, moment.at)
-    hist = moment.history[moment.history[TIMESTAMP] < moment.at]
-    trending = item_counts(hist, fit.item_ids, moment.at, days=cfg.trending_days)
-    popularity = item_counts(hist, fit.item_ids, moment.at)
-    item_vectors = fit.model.item_embeddings(moment.item_rows) if fit.model is not None else None
-    category = pd.Series(catalog.category, index=fit.item_ids)
     # Users per block: bounded by the dense users x items score matrices and by the pool rows a block
     # assembles features for (memory stays flat however many users a call asks for).
     step = block_users or max(1, min(BLOCK_CELLS // max(len(fit.item_ids), 1), POOL_ROWS_PER_BLOCK // cfg.ranked))
     for start in range(0, len(ids), step):
         chunk = ids[start:start + step]
+        hist = state.history_of(chunk)
         history = UserHistory.build(hist, chunk, fit.item_ids, moment.at, cfg, moment.users)
+        if requests is not None and "location" in requests:
+            given = requests.assign(**{USER_ID: requests[USER_ID].astype(str)}).drop_duplicates(USER_ID, keep="last")
+            where = dict(zip(given[USER_ID], given["location"], strict=True))
+            history.region = [str(where[u]) if isinstance(where.get(u), str) and where[u] else r
+                              for u, r in zip(chunk, history.region, strict=True)]
         user_vectors = None
         if fit.model is not None:
-            user_vectors = fit.model.user_embeddings(chunk, hist, moment.user_rows, moment.users)
-        lists = source_lists(user_vectors, item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
-                             trending, popularity, cfg)
+            user_vectors = _user_vectors(fit, chunk, hist, moment, vectors)
+        lists = source_lists(user_vectors, state.item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
+                             state.trending, state.popularity, cfg)
         pool = fuse(lists, cfg)
         pool.insert(0, QUERY_ID, np.asarray(chunk, dtype=object)[pool["row"].to_numpy()])
         pool.insert(1, USER_ID, pool[QUERY_ID])
@@ -167,25 +250,27 @@ def candidate_blocks(fit: Fit, moment: Moment, user_ids: Sequence[str], fill_k: 
         fill: dict[str, list[str]] = {}
         if fill_k > cfg.pool_size or (lists.lists.get("popularity") is None and fill_k):
             allowed = catalog.allowed_for(history.region) & (history.seen.toarray() == 0)
-            idx, _ = top_k(np.broadcast_to(popularity, allowed.shape), allowed, fill_k, positive_only=False)
+            idx, _ = top_k(np.broadcast_to(state.popularity, allowed.shape), allowed, fill_k, positive_only=False)
             fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
         elif "popularity" in lists.lists:
             idx = lists.lists["popularity"][0]
             fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
         cold = {u for u, n in zip(chunk, np.diff(history.seen.indptr), strict=True) if n == 0}
-        features = assemble_features(pool, moment.user_rows, moment.item_rows, _requests(moment, chunk),
-                                     category_state(hist, chunk, category, moment.at))
+        features = assemble_features(pool, moment.user_rows, moment.item_rows, _requests(moment, chunk, hist),
+                                     category_state(hist, chunk, state.category, moment.at))
         yield Block(chunk, pool, features, fill, cold, lists.lists)
 
 
 def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = "ranker",
-               age_days: pd.Series | None = None) -> dict[str, list[tuple[str, float]]]:
+               age_days: pd.Series | None = None, exclude: Mapping[str, Collection[str]] | None = None
+               ) -> dict[str, list[tuple[str, float]]]:
     """Each user's top ``k`` ``(item_id, score)`` of a block.
 
     ``order`` is ``ranker`` (the fit's LightGBM scores), ``pool`` (fused pool order) or a source name
     (that source's score). With ``rules`` the business rules reorder the ranker's list (category cap,
     freshness, dedup; :mod:`pipeline_tasks.online.rules`). A list shorter than ``k`` is filled from
-    popularity; cold users get the trending order.
+    popularity; cold users get the trending order. ``exclude`` names items per user never to return (a
+    request's ``exclude``, the recently-shown filter); they are dropped before ranking and filling.
     """
     pool = block.pool
     if order == "ranker":
@@ -204,6 +289,9 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
                           "trend": pool["trending_rank"].to_numpy(dtype=float), "category": pool["category"]})
     if order in SOURCES:
         frame = frame[np.isfinite(frame["score"])]
+    if exclude:
+        pairs = {(u, i) for u, items in exclude.items() for i in items}
+        frame = frame[[(u, i) not in pairs for u, i in zip(frame[USER_ID], frame[ITEM_ID], strict=True)]]
     frame = frame.sort_values([USER_ID, "score"], ascending=[True, False], kind="stable")
     out: dict[str, list[tuple[str, float]]] = {}
     for user, group in frame.groupby(USER_ID, sort=False):
@@ -222,7 +310,7 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
     for user in block.user_ids:
         have = out.setdefault(user, [])
         if len(have) < k:
-            taken = {i for i, _ in have}
+            taken = {i for i, _ in have} | set((exclude or {}).get(user, ()))
             low = min((s for _, s in have), default=0.0)
             extra = [i for i in block.popularity_fill.get(user, []) if i not in taken][:k - len(have)]
             have.extend((i, float(low) - 1.0 - j) for j, i in enumerate(extra))
@@ -240,13 +328,13 @@ def item_age_days(items: pd.DataFrame, at: pd.Timestamp) -> pd.Series:
 RULES_ORDER = "ranker+rules"
 
 
-def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int,
-                 orders: Sequence[str] = ("ranker",)) -> dict[str, dict[str, list[tuple[str, float]]]]:
+def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int, orders: Sequence[str] = ("ranker",),
+                 prepared: Prepared | None = None) -> dict[str, dict[str, list[tuple[str, float]]]]:
     """Each order's top ``k`` per user at ``moment``: ``ranker``, ``ranker+rules``, ``pool`` or a source name
     (that source's own list, before fusion), all from the same blocks."""
     out: dict[str, dict[str, list[tuple[str, float]]]] = {o: {} for o in orders}
     ages = item_age_days(moment.items, moment.at)
-    for block in candidate_blocks(fit, moment, user_ids, fill_k=k):
+    for block in candidate_blocks(fit, moment, user_ids, fill_k=k, prepared=prepared):
         for order in orders:
             if order in SOURCES:
                 idx, scores = block.source_lists.get(order, (np.full((len(block.user_ids), 0), -1), None))

@@ -94,29 +94,32 @@ def positive_queries(df: pd.DataFrame) -> pd.DataFrame:
     return df[keep].reset_index(drop=True)
 
 
-def split_by_user(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, holdout): whole queries, a seeded ``share`` of them held out."""
+def holdout_mask(df: pd.DataFrame, share: float, seed: int) -> np.ndarray:
+    """True for the rows of a seeded ``share`` of whole queries (the holdout)."""
     queries = np.sort(df[QUERY_ID].unique())
     rng = np.random.default_rng(seed)
     n_hold = max(1, int(round(share * len(queries)))) if len(queries) > 1 else 0
-    held = set(rng.choice(queries, size=n_hold, replace=False)) if n_hold else set()
-    mask = df[QUERY_ID].isin(held).to_numpy()
+    held = rng.choice(queries, size=n_hold, replace=False) if n_hold else np.array([], dtype=queries.dtype)
+    return df[QUERY_ID].isin(held).to_numpy()
+
+
+def split_by_user(df: pd.DataFrame, share: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, holdout): whole queries, a seeded ``share`` of them held out."""
+    mask = holdout_mask(df, share, seed)
     return df[~mask].reset_index(drop=True), df[mask].reset_index(drop=True)
+
+
+def fold_ids(df: pd.DataFrame, k: int, seed: int) -> np.ndarray:
+    """Each row's fold in 0..k-1, by whole query (one query per user); seeded."""
+    queries = np.sort(df[QUERY_ID].unique())
+    fold_of = dict(zip(queries, np.random.default_rng(seed).permutation(len(queries)) % k, strict=True))
+    return df[QUERY_ID].map(fold_of).to_numpy()
 
 
 def user_folds(df: pd.DataFrame, k: int, seed: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
     """k (train, holdout) splits of whole queries (one query per user), each query held out once; seeded."""
-    queries = np.sort(df[QUERY_ID].unique())
-    fold_of = dict(zip(queries, np.random.default_rng(seed).permutation(len(queries)) % k, strict=True))
-    assigned = df[QUERY_ID].map(fold_of).to_numpy()
+    assigned = fold_ids(df, k, seed)
     return [(df[assigned != f].reset_index(drop=True), df[assigned == f].reset_index(drop=True)) for f in range(k)]
-
-
-def _dataset(df: pd.DataFrame, prior_weight: float, reference: lgb.Dataset | None = None) -> lgb.Dataset:
-    groups = df.groupby(QUERY_ID, sort=False).size().to_numpy()
-    init = prior_scores(df["fused_score"].to_numpy(), df[QUERY_ID].to_numpy(), prior_weight)
-    return lgb.Dataset(df[FEATURE_COLUMNS].to_numpy(np.float32), label=df[LABEL].to_numpy(), group=groups,
-                       init_score=init, feature_name=FEATURE_COLUMNS, reference=reference, free_raw_data=False)
 
 
 def lgb_params(params: Mapping[str, Any], config: RankerConfig) -> dict[str, Any]:
@@ -126,25 +129,63 @@ def lgb_params(params: Mapping[str, Any], config: RankerConfig) -> dict[str, Any
             "num_threads": config.num_threads, **params}
 
 
-def train_ranker(train: pd.DataFrame, params: Mapping[str, Any], config: RankerConfig,
-                 holdout: pd.DataFrame | None = None, rounds: int | None = None,
+@dataclass
+class RankerData:
+    """A ranking set as a LightGBM dataset binned once with its raw rows freed (so an Optuna study does not bin or
+    hold the rows again per trial), plus what the fusion prior (``init_score``) needs per trial."""
+
+    dataset: lgb.Dataset
+    fused: np.ndarray
+    query: np.ndarray
+    rows: int
+    queries: int
+
+    def with_prior(self, weight: float) -> lgb.Dataset:
+        """The dataset, its ``init_score`` set to the fusion prior of this weight."""
+        self.dataset.set_init_score(prior_scores(self.fused, self.query, weight))
+        return self.dataset
+
+
+def dataset_params(config: RankerConfig) -> dict[str, Any]:
+    """The binning parameters: fixed for a study so a binned dataset is reused across trials (no pre-filter, so
+    trials can vary ``min_data_in_leaf``)."""
+    return {"max_bin": 255, "feature_pre_filter": False, "seed": config.seed, "verbosity": -1,
+            "num_threads": config.num_threads}
+
+
+def ranker_data(df: pd.DataFrame, config: RankerConfig, mask: np.ndarray | None = None,
+                reference: RankerData | None = None) -> RankerData:
+    """Bin ``df`` (or its rows under ``mask``; contiguous query runs) into a constructed LightGBM dataset."""
+    rows = df if mask is None else df[mask]
+    query = rows[QUERY_ID].to_numpy()
+    groups = rows.groupby(QUERY_ID, sort=False).size().to_numpy()
+    dataset = lgb.Dataset(rows[FEATURE_COLUMNS].to_numpy(np.float32), label=rows[LABEL].to_numpy(), group=groups,
+                          feature_name=FEATURE_COLUMNS, params=dataset_params(config),
+                          reference=None if reference is None else reference.dataset, free_raw_data=True).construct()
+    return RankerData(dataset, rows["fused_score"].to_numpy(np.float32), query, len(rows), len(groups))
+
+
+def train_ranker(train: pd.DataFrame | RankerData, params: Mapping[str, Any], config: RankerConfig,
+                 holdout: pd.DataFrame | RankerData | None = None, rounds: int | None = None,
                  callbacks: list[Any] | None = None) -> tuple[lgb.Booster, dict[str, Any]]:
     """A lambdarank booster; with ``holdout``, early stopping on its NDCG@10. Returns the booster and its figures."""
     started = time.perf_counter()
     params = dict(params)
     prior = float(params.pop(PRIOR, 0.0))
-    dtrain = _dataset(train, prior)
+    dtrain = train if isinstance(train, RankerData) else ranker_data(train, config)
     evals: dict[str, Any] = {}
     valid_sets, cbs = [], list(callbacks or [])
-    if holdout is not None and len(holdout):
-        valid_sets = [_dataset(holdout, prior, reference=dtrain)]
+    if holdout is not None and len(holdout if isinstance(holdout, pd.DataFrame) else holdout.query):
+        dhold = holdout if isinstance(holdout, RankerData) else ranker_data(holdout, config, reference=dtrain)
+        valid_sets = [dhold.with_prior(prior)]
         cbs += [lgb.early_stopping(config.early_stopping_rounds, verbose=False), lgb.record_evaluation(evals)]
-    booster = lgb.train(lgb_params(params, config), dtrain, num_boost_round=rounds or config.max_rounds,
+    booster = lgb.train({**dataset_params(config), **lgb_params(params, config)}, dtrain.with_prior(prior),
+                        num_boost_round=rounds or config.max_rounds,
                         valid_sets=valid_sets, valid_names=["holdout"][:len(valid_sets)], callbacks=cbs)
     curve = evals.get("holdout", {}).get("ndcg@10", [])
     info = {"best_iteration": int(booster.best_iteration or booster.current_iteration()),
             "holdout_ndcg@10": float(max(curve)) if curve else None, "seconds": round(time.perf_counter() - started, 2),
-            "rows": len(train), "queries": int(train[QUERY_ID].nunique())}
+            "rows": dtrain.rows, "queries": dtrain.queries}
     return booster, info
 
 
@@ -154,12 +195,23 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
     import optuna
     from optuna_integration import LightGBMPruningCallback
 
-    queries = positive_queries(df)
-    train, holdout = split_by_user(queries, config.holdout_share, config.seed)
-    folds = user_folds(queries, config.cv_folds, config.seed) if len(queries) < config.cv_below_rows else None
-    if not len(train) or not len(holdout):
-        raise ValueError(f"the ranking set has too few queries with a positive label ({df[QUERY_ID].nunique()} "
+    if not (df.groupby(QUERY_ID)[LABEL].max() > 0).all():
+        df = positive_queries(df)
+    n_queries = df[QUERY_ID].nunique()
+    held = holdout_mask(df, config.holdout_share, config.seed)
+    if held.all() or not held.any():
+        raise ValueError(f"the ranking set has too few queries with a positive label ({n_queries} "
                          "queries) to tune a ranker; give the run more data or a longer validation window")
+    # Binned once for the whole study (trials differ only in training parameters and the prior's weight).
+    if len(df) < config.cv_below_rows:
+        fold = fold_ids(df, config.cv_folds, config.seed)
+        folds = [(ranker_data(df, config, fold != f), f) for f in range(config.cv_folds)]
+        folds = [(train_f, ranker_data(df, config, fold == f, reference=train_f)) for train_f, f in folds]
+    else:
+        folds = None
+    train = ranker_data(df, config, ~held)
+    holdout = ranker_data(df, config, held, reference=train)
+    del df
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name, storage=f"sqlite:///{storage}", direction="maximize",
@@ -212,7 +264,7 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
             "best_iteration": int(best.user_attrs.get("best_iteration", config.max_rounds)),
             "n_trials": len(study.trials), "study": study, "trials": trials,
             "selection": f"{config.cv_folds}-fold cross-validation by user" if folds else "holdout by user",
-            "train_queries": int(train[QUERY_ID].nunique()), "holdout_queries": int(holdout[QUERY_ID].nunique())}
+            "train_queries": train.queries, "holdout_queries": holdout.queries}
 
 
 def study_plots(study: Any, out_dir: str | Path) -> dict[str, str]:

@@ -169,3 +169,94 @@ def register_stage(run_id: str, candidates: CandidatesResult, ranker: dict[str, 
         return result
 
     return run_stage(run_id, "register", work)
+
+
+BENTO_SERVICE = "serving.service:RecsysService"
+
+
+def bento_name(model: str) -> str:
+    """A Bento name for a registered model (BentoML names: lower-case letters, digits, ``-``, ``_``, ``.``)."""
+    return re.sub(r"[^a-z0-9_.-]", "-", model.lower()).strip("-._") or "recsys"
+
+
+def bentoml_env(settings: Any) -> dict[str, str]:
+    """The environment of the ``bentoml`` CLI: its store under ``$BENTOML_HOME`` (default
+    ``$RECSYS_HOME/bentoml``) and this interpreter's scripts (``bentoml``, ``uv``) first on PATH."""
+    import os
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("BENTOML_HOME", str(settings.home / "bentoml"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    return env
+
+
+def build_bento_stage(run_id: str, registered: dict[str, Any]) -> dict[str, Any]:
+    """``bentoml build`` of the registered bundle version: the service, the bundle and its serving snapshot in
+    one Bento tagged ``<model>:v<version>``, labelled with the run; the tag goes to the model version in MLflow."""
+    import subprocess
+    import sys
+
+    from pipeline_tasks.bundle.recommend import write_snapshot
+    from pipeline_tasks.online.bundle import BUNDLE_FILE, client, open_bundle
+
+    p = run_config(run_id)
+    settings = run_settings(p)
+
+    def work(out_dir: Path) -> dict[str, Any]:
+        import serving
+
+        name, version = registered["model"], int(registered["version"])
+        tag = f"{bento_name(name)}:v{version}"
+        env = bentoml_env(settings)
+        bentoml = str(Path(sys.executable).with_name("bentoml"))
+        listed = subprocess.run([bentoml, "list", bento_name(name), "-o", "json"], env=env, capture_output=True,
+                                text=True, check=False)
+        existing = json.loads(listed.stdout or "[]") if listed.returncode == 0 else []
+        if any(b.get("tag") == tag for b in existing):  # a retry after the build: one Bento per run
+            log.info("Bento %s was built by an earlier try of this task", tag)
+        else:
+            ctx = out_dir / "context"
+            if ctx.exists():
+                shutil.rmtree(ctx)
+            package = Path(serving.__file__).parent
+            shutil.copytree(package, ctx / "serving", ignore=shutil.ignore_patterns("__pycache__", "bundle"))
+            shutil.copytree(registered["bundle_dir"], ctx / "serving" / "bundle")
+            meta_path = ctx / "serving" / "bundle" / BUNDLE_FILE
+            meta = json.loads(meta_path.read_text())
+            meta.update(version=version, model=name)
+            meta_path.write_text(json.dumps(meta, indent=2, default=str))
+            bundle = open_bundle(ctx / "serving" / "bundle")
+            write_snapshot(bundle, ctx / "serving" / "bundle" / "snapshot", settings=settings)
+            (ctx / "bentofile.yaml").write_text(
+                f'service: "{BENTO_SERVICE}"\n'
+                f"name: {bento_name(name)}\n"
+                'description: "recsys two-stage recommendations (see serving/service.py)"\n'
+                'include: ["serving/**"]\n'
+                'exclude: ["**/__pycache__/**"]\n'
+                "python:\n  lock_packages: false\n")
+            labels = {"model": name, "model_version": str(version), "run_id": run_id,
+                      "namespace": p["namespace"], "code": _code_label(meta.get("code"))}
+            cmd = [bentoml, "build", "--version", f"v{version}", "-o", "tag", "."]
+            for key, value in labels.items():
+                cmd[2:2] = ["--label", f"{key}={re.sub(r'[^A-Za-z0-9_.-]', '-', value)[:63]}"]
+            res = subprocess.run(cmd, cwd=ctx, env=env, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"bentoml build failed (exit {res.returncode}) in {ctx}: "
+                                   f"{(res.stderr or res.stdout)[-2000:]}")
+            log.info("built Bento %s (%s)", tag, res.stdout.strip().splitlines()[-1] if res.stdout else "")
+        client(settings).set_model_version_tag(name, str(version), "recsys.bento", tag)
+        result = {"tag": tag, "model": name, "version": version, "bentoml_home": env["BENTOML_HOME"],
+                  "serve": f"BENTOML_HOME={env['BENTOML_HOME']} bentoml serve {tag}"}
+        (out_dir / "bento.json").write_text(json.dumps(result, indent=2))
+        return result
+
+    return run_stage(run_id, "build_bento", work)
+
+
+def _code_label(code: Any) -> str:
+    """The code version of a bundle (its manifest's ``code``: a commit id, or a dict holding one)."""
+    if isinstance(code, dict):
+        return str(code.get("commit") or code.get("git_commit") or code.get("version") or "unknown")
+    return str(code or "unknown")

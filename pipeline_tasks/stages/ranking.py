@@ -173,8 +173,10 @@ def tune_ranker_stage(run_id: str, ranking_set: RankingSetResult) -> dict[str, A
         study_name = f"ranker_{safe_run_id(run_id)}"
         with mlflow_run(ranker_experiment(p["namespace"]), run_name=f"tune_ranker {run_id}",
                         tags=_ranker_tags(run_id, "tune_ranker"), resume_by=("recsys.run_id", "recsys.task")) as run:
-            df = load_ranking_set(ranking_set["validation"]["path"], config.max_train_rows, config.seed)
-            result = tune_ranker(df, config, storage, study_name)
+            # passed straight in, so the study can free the rows once it has binned them
+            path = ranking_set["validation"]["path"]
+            result = tune_ranker(load_ranking_set(path, config.max_train_rows, config.seed), config, storage,
+                                 study_name)
             plots = study_plots(result["study"], out_dir / "plots")
             result["trials"].to_csv(out_dir / "trials.csv", index=False)
             log_params_once({**{f"best.{k}": v for k, v in result["best_params"].items()},
@@ -201,6 +203,7 @@ def train_ranker_stage(run_id: str, candidates: CandidatesResult, ranking_set: R
         RankerConfig,
         feature_importance,
         load_ranking_set,
+        ranker_data,
         train_ranker,
     )
 
@@ -218,8 +221,10 @@ def train_ranker_stage(run_id: str, candidates: CandidatesResult, ranking_set: R
                     shutil.rmtree(target)
                 source_fit = candidates["fits"][fit_name if serving_fit else "protocol"]
                 shutil.copytree(source_fit, target)
-                df = load_ranking_set(ranking_set[set_name]["path"], config.max_train_rows, config.seed)
-                booster, info = train_ranker(df, tuned["best_params"], config, rounds=tuned["best_iteration"])
+                data = ranker_data(load_ranking_set(ranking_set[set_name]["path"], config.max_train_rows,
+                                                    config.seed), config)  # binned; the rows are freed
+                booster, info = train_ranker(data, tuned["best_params"], config, rounds=tuned["best_iteration"])
+                del data
                 booster.save_model(str(target / RANKER_FILE))
                 fit_info = json.loads((target / "fit.json").read_text())
                 fit_info.update(ranker={"params": tuned["best_params"], "rounds": tuned["best_iteration"],

@@ -95,11 +95,13 @@ def test_no_cycles_and_training_graph(dagbag):
         "train_ranker": {"candidates", "ranking_set", "tune_ranker"},
         "evaluate": {"candidates", "train_ranker"},
         "register": {"candidates", "train_ranker", "build_index", "evaluate"},
+        "build_bento": {"register"},
     }
     # Task groups draw the lifecycle stages in the UI without changing the task ids above.
     groups = {t.task_id: t.task_group.group_id for t in dag.tasks}
     assert groups["ingest"] == "data" and groups["train_two_tower"] == "retrieval"
     assert groups["tune_ranker"] == "ranking" and groups["register"] == "release"
+    assert groups["build_bento"] == "release"
 
 
 def test_item_refresh_dag(dagbag):

@@ -74,7 +74,12 @@ class FinishedRun:
 
 @pytest.fixture(scope="session")
 def ml100k_run(ml100k: Path) -> FinishedRun:
-    """`recsys run --data movielens:ml-100k`, every task, once per session."""
+    """`recsys run --data movielens:ml-100k`, every task, once per session (``RECSYS_TEST_RUN`` = a finished
+    run's manifest.json, in ``RECSYS_TEST_HOME``, reuses that run instead: for iterating on tests locally)."""
+    reuse = os.environ.get("RECSYS_TEST_RUN")
+    if reuse:
+        manifest = json.loads(Path(reuse).read_text())
+        return FinishedRun(CliRun(0, "", manifest.get("run_id"), manifest), manifest["tasks"]["register"]["outputs"])
     run = recsys("run", "--data", f"movielens:{ml100k}", "--two-tower", json.dumps(CI_TWO_TOWER),
                  "--ranker", json.dumps(CI_RANKER), timeout=1500)
     assert run.returncode == 0, run.output[-4000:]

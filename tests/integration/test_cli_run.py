@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 LATER_TASKS = ("build_features|feast_apply|materialize|training_set|drift_check|train_two_tower|build_index|"
-               "candidates|ranking_set|tune_ranker|train_ranker|evaluate|register")
+               "candidates|ranking_set|tune_ranker|train_ranker|evaluate|register|build_bento")
 
 
 def _start(env: dict[str, str], *args: str) -> subprocess.Popen:

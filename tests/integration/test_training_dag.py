@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 # These tests are about ingest/validate/split; test_movielens_100k runs every task.
 LATER_TASKS = ["--mark-success",
                "build_features|feast_apply|materialize|training_set|drift_check|train_two_tower|build_index|"
-               "candidates|ranking_set|tune_ranker|train_ranker|evaluate|register"]
+               "candidates|ranking_set|tune_ranker|train_ranker|evaluate|register|build_bento"]
 
 FAULT_REASONS = {
     "null": {"missing_user_id", "missing_item_id", "missing_or_unparseable_timestamp"},
@@ -103,7 +103,8 @@ def test_movielens_100k(ml100k_run, ml100k, bench_protocol, caplog):
     assert {t: i["status"] for t, i in run.manifest["tasks"].items()} == {
         t: "success" for t in ("ingest", "validate", "split", "build_features", "feast_apply", "materialize",
                                "training_set", "drift_check", "train_two_tower", "build_index", "candidates",
-                               "ranking_set", "tune_ranker", "train_ranker", "evaluate", "register")}
+                               "ranking_set", "tune_ranker", "train_ranker", "evaluate", "register",
+                               "build_bento")}
     ts = pd.read_parquet(run.manifest["tasks"]["training_set"]["outputs"]["training_set"])
     requested = pd.concat([pd.read_parquet(run.run_dir / "split" / f"{w}.parquet")
                            for w in ("train", "validation", "test")])

@@ -1,0 +1,289 @@
+"""The request path of a serving process: one user's recommendations from a prepared moment, plus fresh signals.
+
+:class:`Engine` wraps :class:`~pipeline_tasks.online.two_stage.Prepared` (the bundle's fit and the catalog,
+history and features at the service's snapshot moment) and answers one request through the same
+:func:`~pipeline_tasks.online.two_stage.user_blocks` and :func:`~pipeline_tasks.online.two_stage.rank_block`
+as ``evaluate`` and ``recsys recommend``: two-tower, i2i, content, trending and popularity candidates,
+servability and region filters, feature assembly, the LightGBM ranker and the business rules. Around that it
+adds what only a live service has:
+
+- **fresh events**: a feedback event enters the user's history at once (as their newest event; the snapshot
+  moment does not move) and drops the user's cached embedding, so the next request reflects it;
+- **recently shown**: items returned to a user in the last ``shown_ttl_s`` seconds are not returned again
+  (off per request or per service);
+- **exploration** (off by default): with probability ``epsilon`` a position below the first is swapped with a
+  random later candidate of the ranked list (epsilon-greedy), seeded per request id.
+
+State shared between workers (embedding cache, fresh events, recently-shown lists) goes through a
+:class:`StateStore`: :class:`LocalState` in process (the embedded default, one worker), Redis in the production
+profile (``serving/state.py``). A store that fails is skipped for that call and counted; the request is still
+answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
+from pipeline_tasks.online.candidates import SOURCES
+from pipeline_tasks.online.two_stage import Prepared, item_age_days, rank_block, user_blocks
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_TTL_S = 3600.0
+SHOWN_TTL_S = 7 * 86_400.0
+
+
+class StateStore(Protocol):
+    """Per-user state a service keeps between requests (see the module docstring)."""
+
+    def get_vectors(self, user_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def set_vectors(self, vectors: Mapping[str, np.ndarray], ttl_s: float) -> None: ...
+
+    def drop_vector(self, user_id: str) -> None: ...
+
+    def add_event(self, user_id: str, event: Mapping[str, Any]) -> None: ...
+
+    def events(self, user_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]: ...
+
+    def shown(self, user_id: str) -> set[str]: ...
+
+    def add_shown(self, user_id: str, item_ids: Sequence[str], ttl_s: float) -> None: ...
+
+
+class LocalState:
+    """:class:`StateStore` in process memory (one worker); embeddings in a bounded LRU."""
+
+    def __init__(self, max_vectors: int = 100_000) -> None:
+        self._lock = threading.Lock()
+        self._vectors: OrderedDict[str, tuple[float, np.ndarray]] = OrderedDict()
+        self._max = max_vectors
+        self._events: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._shown: dict[str, dict[str, float]] = defaultdict(dict)
+
+    def get_vectors(self, user_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        now, out = time.monotonic(), {}
+        with self._lock:
+            for u in user_ids:
+                hit = self._vectors.get(u)
+                if hit is not None and hit[0] > now:
+                    self._vectors.move_to_end(u)
+                    out[u] = hit[1]
+        return out
+
+    def set_vectors(self, vectors: Mapping[str, np.ndarray], ttl_s: float) -> None:
+        until = time.monotonic() + ttl_s
+        with self._lock:
+            for u, v in vectors.items():
+                self._vectors[u] = (until, np.asarray(v, np.float32))
+                self._vectors.move_to_end(u)
+            while len(self._vectors) > self._max:
+                self._vectors.popitem(last=False)
+
+    def drop_vector(self, user_id: str) -> None:
+        with self._lock:
+            self._vectors.pop(user_id, None)
+
+    def add_event(self, user_id: str, event: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._events[user_id].append(dict(event))
+
+    def events(self, user_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        with self._lock:
+            return {u: list(self._events[u]) for u in user_ids if self._events.get(u)}
+
+    def shown(self, user_id: str) -> set[str]:
+        now = time.time()
+        with self._lock:
+            return {i for i, until in self._shown.get(user_id, {}).items() if until > now}
+
+    def add_shown(self, user_id: str, item_ids: Sequence[str], ttl_s: float) -> None:
+        until = time.time() + ttl_s
+        with self._lock:
+            mine = self._shown[user_id]
+            for i in item_ids:
+                mine[i] = until
+
+
+@dataclass
+class Recommendation:
+    """One served item."""
+
+    item_id: str
+    score: float
+    rank: int
+    category: str
+    source: str  # the candidate source contributing most to its fused score (or "popularity_fill", "trending")
+
+
+@dataclass
+class Answer:
+    """A request's answer and how it was produced."""
+
+    items: list[Recommendation]
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    cold: bool = False
+    cache_hit: bool = False  # the user's embedding came from the cache
+    fallbacks: list[str] = field(default_factory=list)  # state stores that failed during the call
+
+
+class _Guarded:
+    """Calls a store, swallowing and counting its errors (a down Redis must never fail a request)."""
+
+    def __init__(self, store: StateStore | None, failures: list[str]) -> None:
+        self.store, self.failures = store, failures
+
+    def __call__(self, method: str, *args: Any, default: Any = None) -> Any:
+        if self.store is None:
+            return default
+        try:
+            return getattr(self.store, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - any store failure degrades to "no state"
+            log.warning("state store %s failed (%s: %s); answering without it", method, type(exc).__name__, exc)
+            self.failures.append(method)
+            return default
+
+
+class _CacheAdapter:
+    """The two-stage path's vector cache over a guarded store."""
+
+    def __init__(self, guarded: _Guarded, ttl_s: float) -> None:
+        self.guarded, self.ttl_s = guarded, ttl_s
+        self.hits = 0
+
+    def get_many(self, user_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        found = self.guarded("get_vectors", list(user_ids), default={}) or {}
+        self.hits += len(found)
+        return found
+
+    def set_many(self, vectors: Mapping[str, np.ndarray]) -> None:
+        self.guarded("set_vectors", dict(vectors), self.ttl_s)
+
+
+class Engine:
+    """One user's two-stage recommendations at the prepared moment, with fresh events and recently-shown state."""
+
+    def __init__(self, state: Prepared, store: StateStore | None = None, rules: bool = True,
+                 filter_shown: bool = True, epsilon: float = 0.0, embedding_ttl_s: float = EMBEDDING_TTL_S,
+                 shown_ttl_s: float = SHOWN_TTL_S) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon={epsilon}: use a probability in [0, 1]")
+        self.state, self.store, self.rules = state, store, rules
+        self.filter_shown, self.epsilon = filter_shown, epsilon
+        self.embedding_ttl_s, self.shown_ttl_s = embedding_ttl_s, shown_ttl_s
+        self.ages = item_age_days(state.moment.items, state.moment.at)
+        self.known_users = frozenset(state.rows_of)
+        self._columns = list(state.history.columns)
+        self._lock = threading.Lock()  # one request at a time through the shared Prepared (pandas/torch state)
+
+    @property
+    def at(self) -> pd.Timestamp:
+        return self.state.moment.at
+
+    def _fresh_frame(self, events: dict[str, list[dict[str, Any]]]) -> pd.DataFrame | None:
+        rows = [e for evs in events.values() for e in evs]
+        if not rows:
+            return None
+        frame = pd.DataFrame(rows)
+        # Events after the snapshot moment count as the user's newest events at it (the moment does not move).
+        frame[TIMESTAMP] = self.at - pd.Timedelta(microseconds=1)
+        for col in self._columns:
+            if col not in frame:
+                frame[col] = None
+        return frame[self._columns].astype({USER_ID: str, ITEM_ID: str})
+
+    def recommend(self, user_id: str, k: int = 20, context: Mapping[str, Any] | None = None,
+                  exclude: Sequence[str] = (), filter_shown: bool | None = None,
+                  request_id: str | None = None) -> Answer:
+        """The user's top ``k`` (see the module docstring)."""
+        timings: dict[str, float] = {}
+        failures: list[str] = []
+        guarded = _Guarded(self.store, failures)
+        user = str(user_id)
+        t0 = time.perf_counter()
+        fresh = guarded("events", [user], default={}) or {}
+        shown_on = self.filter_shown if filter_shown is None else filter_shown
+        blocked = set(map(str, exclude))
+        if shown_on:
+            blocked |= guarded("shown", user, default=set()) or set()
+        timings["state"] = (time.perf_counter() - t0) * 1000
+        context = dict(context or {})
+        requests = None
+        if context.get("device") or context.get("location"):
+            requests = pd.DataFrame({USER_ID: [user], "device": [context.get("device")],
+                                     "location": [context.get("location")]})
+        with self._lock:
+            t1 = time.perf_counter()
+            self.state.fresh_source = lambda users: self._fresh_frame({u: fresh[u] for u in users if u in fresh})
+            cache = _CacheAdapter(guarded, self.embedding_ttl_s)
+            try:
+                block = next(user_blocks(self.state, [user], fill_k=k + len(blocked), requests=requests,
+                                         vectors=cache))
+            finally:
+                self.state.fresh_source = None
+            timings["candidates_features"] = (time.perf_counter() - t1) * 1000
+            t2 = time.perf_counter()
+            ranked = rank_block(self.state.fit, block, k, rules=self.rules, age_days=self.ages,
+                                exclude={user: blocked} if blocked else None)[user]
+            timings["rank_rules"] = (time.perf_counter() - t2) * 1000
+        if self.epsilon > 0:
+            ranked = explore(ranked, self.epsilon, random.Random(request_id or user))
+        items = self._describe(block, user, ranked)
+        t3 = time.perf_counter()
+        if shown_on:
+            guarded("add_shown", user, [r.item_id for r in items], self.shown_ttl_s)
+        timings["state"] += (time.perf_counter() - t3) * 1000
+        return Answer(items, timings, cold=user in block.cold, cache_hit=cache.hits > 0, fallbacks=failures)
+
+    def _describe(self, block: Any, user: str, ranked: list[tuple[str, float]]) -> list[Recommendation]:
+        pool = block.pool
+        weights = self.state.fit.config.weights
+        rrf_k = self.state.fit.config.rrf_k
+        mine = pool[pool[USER_ID] == user].set_index(ITEM_ID)
+        category = self.state.category
+        out = []
+        for rank, (item, score) in enumerate(ranked, start=1):
+            if user in block.cold:
+                source = "trending"
+            elif item in mine.index:
+                row = mine.loc[item]
+                contrib = {s: weights.get(s, 0.0) / (rrf_k + row[f"{s}_rank"]) for s in SOURCES
+                           if pd.notna(row[f"{s}_rank"])}
+                source = max(contrib, key=contrib.get) if contrib else "pool"
+            else:
+                source = "popularity_fill"
+            out.append(Recommendation(item, float(score), rank, str(category.get(item, "unknown")), source))
+        return out
+
+    def add_event(self, user_id: str, item_id: str, event_type: str, context: Mapping[str, Any] | None = None
+                  ) -> list[str]:
+        """Put a feedback event into the user's history and drop their cached embedding; returns failures."""
+        failures: list[str] = []
+        guarded = _Guarded(self.store, failures)
+        event = {USER_ID: str(user_id), ITEM_ID: str(item_id), "event_type": event_type,
+                 **{k: v for k, v in (context or {}).items() if k in ("device", "location")}}
+        guarded("add_event", str(user_id), event)
+        guarded("drop_vector", str(user_id))
+        return failures
+
+
+def explore(ranked: list[tuple[str, float]], epsilon: float, rng: random.Random) -> list[tuple[str, float]]:
+    """Epsilon-greedy: each position after the first is, with probability ``epsilon``, swapped with a random
+    later position (scores travel with their items)."""
+    out = list(ranked)
+    for pos in range(1, len(out) - 1):
+        if rng.random() < epsilon:
+            other = rng.randrange(pos + 1, len(out))
+            out[pos], out[other] = out[other], out[pos]
+    return out

@@ -1,0 +1,251 @@
+"""The recommendation service (BentoML): one registered bundle version, answered in process memory.
+
+Start it with ``recsys serve [--model-version V]`` (it resolves the bundle, writes its serving snapshot once and
+runs ``bentoml serve serving.service:RecsysService``) or ``bentoml serve <bento tag>`` for a Bento that
+``build_bento`` built. Configuration is read from the environment (``recsys serve`` sets it):
+
+- ``RECSYS_BUNDLE_DIR``: the bundle directory (in a Bento: ``serving/bundle`` next to this file);
+- ``RECSYS_SNAPSHOT_DIR``: the serving snapshot (default ``<bundle>/snapshot``);
+- ``RECSYS_FEEDBACK_DIR``: the impressions / feedback log (default ``$RECSYS_HOME/feedback/<namespace>``);
+- ``RECSYS_STATE``: ``local`` (one worker, state in process; the embedded default) or ``redis``
+  (``RECSYS_REDIS_URL``; any number of workers share embedding cache, fresh events and recently-shown lists);
+- ``RECSYS_EPSILON`` (exploration, default 0 = off), ``RECSYS_FILTER_SHOWN`` (default 1), ``RECSYS_RULES``
+  (default 1).
+
+Endpoints: ``POST /recommend``, ``POST /feedback``, BentoML's ``/readyz`` (ready once bundle, index, snapshot and
+features are loaded), ``/livez``, ``/healthz`` and ``/metrics`` (with the ``recsys_*`` metrics below).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
+
+log = logging.getLogger("bentoml.recsys")  # BentoML logs its own tree at INFO, the root at WARNING
+
+BUNDLE_IN_BENTO = Path(__file__).resolve().parent / "bundle"
+STAGES = ("state", "candidates_features", "rank_rules", "log")
+
+# Custom Prometheus metrics on BentoML's /metrics (workers run prometheus_client's multiprocess mode).
+requests_total = Counter("recsys_requests", "Requests by endpoint and outcome", ["endpoint", "outcome"])
+latency = Histogram("recsys_stage_latency_seconds", "Latency of each stage of /recommend (and the total)",
+                    ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+model_info = Gauge("recsys_model_version", "The bundle version served, by model", ["model"],
+                   multiprocess_mode="max")
+cache_lookups = Counter("recsys_embedding_cache", "User-embedding cache lookups by result", ["result"])
+fallbacks = Counter("recsys_fallbacks", "Answers given without a part of the path, by kind", ["kind"])
+freshness_lag = Gauge("recsys_freshness_lag_seconds", "Seconds from the serving snapshot's moment to now",
+                      multiprocess_mode="max")
+
+
+class Context(BaseModel):
+    """The request's context; unknown keys are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    device: str | None = Field(default=None, max_length=64)
+    location: str | None = Field(default=None, max_length=128)
+
+
+class Item(BaseModel):
+    item_id: str
+    score: float
+    rank: int
+    category: str
+    source: str
+
+
+class RecommendResponse(BaseModel):
+    request_id: str
+    user_id: str
+    items: list[Item]
+    model_version: int
+    latency_ms: float
+
+
+class FeedbackResponse(BaseModel):
+    accepted: bool
+    request_id: str
+
+
+class JsonBodyOnly:
+    """ASGI middleware: a POST to the API with a body type other than JSON gets a 415 naming the header
+    (BentoML's own parsing answers a multipart type without a boundary with a 500)."""
+
+    def __init__(self, app: Any, paths: tuple[str, ...] = ("/recommend", "/feedback")) -> None:
+        self.app, self.paths = app, paths
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and scope.get("method") == "POST" and scope.get("path") in self.paths:
+            raw = dict(scope.get("headers") or []).get(b"content-type", b"")
+            kind = raw.split(b";")[0].strip().lower().decode("latin-1")
+            if kind and kind != "application/json":
+                response = JSONResponse({"error": f"content-type {kind!r} is not supported: send application/json",
+                                         "field": "content-type"}, status_code=415)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def _bundle_dir() -> Path:
+    given = os.environ.get("RECSYS_BUNDLE_DIR")
+    if given:
+        return Path(given)
+    if BUNDLE_IN_BENTO.exists():
+        return BUNDLE_IN_BENTO
+    raise RuntimeError("no bundle: set RECSYS_BUNDLE_DIR or start the service with `recsys serve`")
+
+
+@bentoml.service(workers=1, traffic={"timeout": 30})
+class RecsysService:
+    """Two-stage recommendations from one bundle version (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+        self.error: str | None = None
+        self.bundle: Any = None
+        self.log: Any = None
+        self._loader = threading.Thread(target=self._load, daemon=True, name="recsys-load")
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            from pipeline_tasks.core.settings import load_settings
+            from pipeline_tasks.online.bundle import open_bundle
+            from pipeline_tasks.online.engine import Engine, LocalState
+            from pipeline_tasks.online.feedback_log import FeedbackLog
+            from pipeline_tasks.online.snapshot import load_snapshot
+            from pipeline_tasks.online.two_stage import load_fit, prepare
+
+            started = time.perf_counter()
+            bundle = open_bundle(_bundle_dir())
+            snapshot_dir = Path(os.environ.get("RECSYS_SNAPSHOT_DIR") or bundle.path / "snapshot")
+            moment, info = load_snapshot(snapshot_dir)
+            if not bundle.version:  # a registry download's bundle.json has no version: the snapshot names it
+                bundle.version, bundle.name = int(info.get("version") or 0), info.get("model") or bundle.name
+            fit = load_fit(bundle.fit_dir(info.get("fit", "serving")))
+            state = prepare(fit, moment)
+            kind = os.environ.get("RECSYS_STATE", "local")
+            if kind == "redis":
+                from serving.state import RedisState
+
+                store: Any = RedisState(os.environ.get("RECSYS_REDIS_URL", "127.0.0.1:6379"),
+                                        prefix=f"recsys:{bundle.meta.get('namespace', '')}:")
+            elif kind == "local":
+                store = LocalState()
+            else:
+                raise ValueError(f"RECSYS_STATE={kind!r}: use 'local' or 'redis'")
+            self.engine = Engine(state, store, rules=_flag("RECSYS_RULES", "1"),
+                                 filter_shown=_flag("RECSYS_FILTER_SHOWN", "1"),
+                                 epsilon=float(os.environ.get("RECSYS_EPSILON", "0")))
+            settings = load_settings()
+            feedback_dir = os.environ.get("RECSYS_FEEDBACK_DIR") or \
+                settings.home / "feedback" / bundle.meta.get("namespace", "default")
+            self.log = FeedbackLog(feedback_dir)
+            self.bundle = bundle
+            model_info.labels(model=bundle.name).set(bundle.version)
+            log.info("ready: %s version %d, snapshot at %s (%d users, %d items), state %s, log %s, in %.1f s",
+                     bundle.name, bundle.version, moment.at.isoformat(), len(state.rows_of), len(fit.item_ids),
+                     kind, feedback_dir, time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz and every request
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("the service failed to load its bundle")
+
+    def __is_ready__(self) -> bool:
+        return self.engine is not None
+
+    def _not_ready(self, endpoint: str) -> JSONResponse | None:
+        """A 503 naming why, while the bundle is loading or failed to load (BentoML masks 5xx messages)."""
+        if self.engine is not None:
+            return None
+        requests_total.labels(endpoint=endpoint, outcome="unavailable").inc()
+        reason = f"the bundle failed to load: {self.error}" if self.error else "the bundle is still loading"
+        return JSONResponse({"error": f"not ready: {reason}; /readyz turns 200 when it is"}, status_code=503)
+
+    @bentoml.api(route="/recommend")
+    def recommend(self, user_id: Annotated[str, Field(min_length=1, max_length=256)],
+                  num_items: Annotated[int, Field(ge=1, le=100)] = 20, context: Context | None = None,
+                  exclude: Annotated[list[str] | None, Field(max_length=1000)] = None) -> RecommendResponse:
+        """The user's top ``num_items``: candidates, filters, features, ranker, business rules."""
+        started = time.perf_counter()
+        unavailable = self._not_ready("recommend")
+        if unavailable is not None:
+            return unavailable  # type: ignore[return-value]  # a Response passes through BentoML as is
+        try:
+            request_id = uuid.uuid4().hex
+            answer = self.engine.recommend(user_id, num_items, context.model_dump() if context else None,
+                                           exclude or (), request_id=request_id)
+            t = time.perf_counter()
+            self.log.append("impressions", [
+                {"request_id": request_id, "user_id": user_id, "item_id": r.item_id, "position": r.rank,
+                 "score": r.score, "source": r.source, "model": self.bundle.name,
+                 "model_version": self.bundle.version} for r in answer.items])
+            answer.stages_ms["log"] = (time.perf_counter() - t) * 1000
+        except Exception:
+            requests_total.labels(endpoint="recommend", outcome="error").inc()
+            raise
+        for stage in STAGES:
+            latency.labels(stage=stage).observe(answer.stages_ms.get(stage, 0.0) / 1000)
+        total = time.perf_counter() - started
+        latency.labels(stage="total").observe(total)
+        for kind in answer.fallbacks:
+            fallbacks.labels(kind=f"state_{kind}").inc()
+        if answer.cold:
+            fallbacks.labels(kind="cold_start").inc()
+        cache_lookups.labels(result="hit" if answer.cache_hit else "miss").inc()
+        freshness_lag.set(time.time() - self.engine.at.timestamp())
+        requests_total.labels(endpoint="recommend", outcome="ok").inc()
+        return RecommendResponse(request_id=request_id, user_id=user_id, model_version=self.bundle.version,
+                                 latency_ms=round(total * 1000, 3),
+                                 items=[Item(item_id=r.item_id, score=r.score, rank=r.rank, category=r.category,
+                                             source=r.source) for r in answer.items])
+
+    @bentoml.api(route="/feedback")
+    def feedback(self, request_id: Annotated[str, Field(min_length=1, max_length=128)],
+                 user_id: Annotated[str, Field(min_length=1, max_length=256)],
+                 item_id: Annotated[str, Field(min_length=1, max_length=256)],
+                 event_type: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")],
+                 timestamp: str | None = None, context: Context | None = None) -> FeedbackResponse:
+        """Log an event (durable before the answer) and put it into the user's history at once."""
+        import pandas as pd
+
+        unavailable = self._not_ready("feedback")
+        if unavailable is not None:
+            return unavailable  # type: ignore[return-value]  # a Response passes through BentoML as is
+        if timestamp is not None:
+            try:
+                ts = pd.Timestamp(timestamp)
+                if ts is pd.NaT:
+                    raise ValueError("empty time")
+            except (ValueError, TypeError) as exc:
+                requests_total.labels(endpoint="feedback", outcome="bad_request").inc()
+                return JSONResponse({"error": f"timestamp: {timestamp!r} is not an ISO-8601 time ({exc})",
+                                     "field": "timestamp"}, status_code=400)  # type: ignore[return-value]
+            ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+        else:
+            ts = pd.Timestamp.now(tz="UTC")
+        ctx = context.model_dump() if context else {}
+        self.log.append("feedback", [{"request_id": request_id, "user_id": user_id, "item_id": item_id,
+                                      "event_type": event_type, "timestamp": ts.isoformat(),
+                                      "device": ctx.get("device"), "location": ctx.get("location"),
+                                      "model_version": self.bundle.version}])
+        for kind in self.engine.add_event(user_id, item_id, event_type, ctx):
+            fallbacks.labels(kind=f"state_{kind}").inc()
+        requests_total.labels(endpoint="feedback", outcome="ok").inc()
+        return FeedbackResponse(accepted=True, request_id=request_id)
+
+
+RecsysService.add_asgi_middleware(JsonBodyOnly)

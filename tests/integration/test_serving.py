@@ -1,0 +1,363 @@
+"""The BentoML service as real processes called over HTTP: `recsys serve` (embedded profile), the run's Bento
+under `bentoml serve` (production profile on Redis), against the shared ml-100k run's registered bundle.
+
+One service per profile is started for the module. The embedded one serves a contract directory in which
+some popular items are unavailable and some are allowed only in another region, and runs without the
+recently-shown filter (so repeated requests are comparable); the last test kills its worker with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import psutil
+import pytest
+
+pytestmark = pytest.mark.timeout(900)
+
+BLOCKED_REGION = "ZZ"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """A service process group: the `bentoml serve` supervisor and its workers."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
+        self.port, self.log_path = port, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 240) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited {self.proc.returncode}: {self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"not ready in {timeout} s: {self.log_path.read_text()[-4000:]}")
+
+    def workers(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        children = self.workers()
+        with contextlib.suppress(Exception):
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        for child in children:  # a worker outlives a killed supervisor: never leave one on the port
+            with contextlib.suppress(Exception):
+                child.kill()
+
+
+def _post(client: httpx.Client, path: str, body: dict) -> httpx.Response:
+    return client.post(path, json=body, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(ml100k_run, tmp_path_factory):
+    """The contract dir served (with blocked items), the bundle's facts and the running embedded service."""
+    registered = ml100k_run.registered
+    bundle_meta = json.loads((Path(registered["bundle_dir"]) / "bundle.json").read_text())
+    accepted = Path(bundle_meta["accepted_dir"])
+    data = tmp_path_factory.mktemp("serving_data")
+    for name in ("interactions", "users"):
+        shutil.copy(accepted / f"{name}.parquet", data / f"{name}.parquet")
+    items = pd.read_parquet(accepted / "items.parquet")
+    inter = pd.read_parquet(accepted / "interactions.parquet")
+    popular = inter["item_id"].astype(str).value_counts().index.tolist()
+    unavailable, regional = popular[:8], popular[8:16]
+    items["item_id"] = items["item_id"].astype(str)
+    items.loc[items["item_id"].isin(unavailable), "available"] = False
+    items.loc[items["item_id"].isin(regional), "regions"] = BLOCKED_REGION
+    items.to_parquet(data / "items.parquet", index=False)
+
+    home = Path(os.environ["RECSYS_HOME"])
+    feedback_dir = tmp_path_factory.mktemp("feedback")
+    env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "RECSYS_FEEDBACK_DIR": str(feedback_dir)}
+    port = _free_port()
+    service = Service([sys.executable, "-m", "pipeline_tasks.cli", "serve", "--model", registered["model"],
+                       "--model-version", str(registered["version"]), "--data", str(data), "--port", str(port),
+                       "--no-shown-filter"], env, port, tmp_path_factory.mktemp("logs") / "serve.log")
+    try:
+        ready_s = service.wait_ready()
+        print(f"embedded service ready in {ready_s:.1f} s")
+        with httpx.Client(base_url=service.url) as client:
+            yield {"service": service, "client": client, "data": data, "registered": registered,
+                   "meta": bundle_meta, "unavailable": set(unavailable), "regional": set(regional),
+                   "items": items.set_index("item_id"), "inter": inter, "feedback_dir": feedback_dir, "env": env}
+    finally:
+        service.stop()
+
+
+def test_parity_with_recsys_recommend(served, tmp_path):
+    """Same bundle, `recsys recommend --as-of` = the snapshot moment, first request per user: same lists."""
+    client, registered = served["client"], served["registered"]
+    users = sorted(served["inter"]["user_id"].astype(str).unique())[:6]
+    got = {}
+    for user in users:
+        res = _post(client, "/recommend", {"user_id": user, "num_items": 20})
+        assert res.status_code == 200, res.text
+        body = res.json()
+        assert body["model_version"] == registered["version"] and body["user_id"] == user
+        assert [i["rank"] for i in body["items"]] == list(range(1, 21))
+        got[user] = [i["item_id"] for i in body["items"]]
+    users_file, out = tmp_path / "users.txt", tmp_path / "recs.parquet"
+    users_file.write_text("\n".join(users))
+    res = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", "recommend", "--users", str(users_file),
+                          "--k", "20", "--as-of", served["meta"]["as_of"], "--data", str(served["data"]),
+                          "--model", registered["model"], "--model-version", str(registered["version"]),
+                          "--output", str(out)], capture_output=True, text=True, check=False, env=served["env"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    offline = pd.read_parquet(out)
+    for user in users:
+        assert offline[offline["user_id"] == user].sort_values("rank")["item_id"].tolist() == got[user], user
+
+
+def test_bad_requests_get_a_4xx_naming_the_field(served):
+    client = served["client"]
+    cases = [({"num_items": 5}, "user_id"), ({"user_id": "1", "num_items": 0}, "num_items"),
+             ({"user_id": "1", "num_items": 101}, "num_items"), ({"user_id": "1", "num_items": "many"}, "num_items"),
+             ({"user_id": "1", "context": {"device": 5}}, "device"), ({"user_id": "1", "exclude": "42"}, "exclude")]
+    for body, field in cases:
+        res = _post(client, "/recommend", body)
+        assert 400 <= res.status_code < 500 and field in res.text, (body, res.status_code, res.text)
+    res = client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert 400 <= res.status_code < 500, res.text
+    res = _post(client, "/feedback", {"request_id": "r", "user_id": "1", "event_type": "click"})
+    assert res.status_code == 400 and "item_id" in res.text
+    res = _post(client, "/feedback", {"request_id": "r", "user_id": "1", "item_id": "2", "event_type": "click",
+                                      "timestamp": "yesterday-ish"})
+    assert res.status_code == 400 and res.json()["field"] == "timestamp"
+
+
+def test_cold_user_gets_trending(served):
+    res = _post(served["client"], "/recommend", {"user_id": f"new-{uuid.uuid4().hex[:8]}", "num_items": 20})
+    assert res.status_code == 200, res.text
+    items = res.json()["items"]
+    assert len(items) == 20 and {i["source"] for i in items} == {"trending"}
+    assert not {i["item_id"] for i in items} & (served["unavailable"] | served["regional"])
+
+
+def test_servability_and_category_cap(served):
+    """Unavailable and region-blocked items are never served; at most 3 per category in the top 10."""
+    client = served["client"]
+    users = sorted(served["inter"]["user_id"].astype(str).unique())[10:40]
+    for user in users:
+        body = _post(client, "/recommend", {"user_id": user, "num_items": 20}).json()
+        ids = [i["item_id"] for i in body["items"]]
+        assert len(ids) == 20 and len(set(ids)) == 20
+        assert not set(ids) & served["unavailable"], user
+        assert not set(ids) & served["regional"], user
+        top10 = Counter(i["category"] for i in body["items"][:10])
+        assert max(top10.values()) <= 3, (user, top10)
+    # The same user asking from the allowed region may get the regional items again.
+    body = _post(client, "/recommend", {"user_id": users[0], "num_items": 100,
+                                        "context": {"location": BLOCKED_REGION}}).json()
+    assert not {i["item_id"] for i in body["items"]} & served["unavailable"]
+
+
+def test_feedback_changes_the_next_response(served):
+    """Events on items of one category raise that category's share of the next top 20, within one request."""
+    client, items, inter = served["client"], served["items"], served["inter"]
+    user = inter["user_id"].astype(str).value_counts().index[-20]  # a light user: new events weigh more
+    before = _post(client, "/recommend", {"user_id": user, "num_items": 20}).json()["items"]
+    share = Counter(i["category"] for i in before)
+    seen = set(inter.loc[inter["user_id"].astype(str) == user, "item_id"].astype(str))
+    counts = inter["item_id"].astype(str).value_counts()
+    servable = items[(items["available"].fillna(True)) & items["regions"].isna()]
+    categories = [c for c in servable["category"].value_counts().index if c != "unknown"]
+    target = min(categories[:6], key=lambda c: share.get(c, 0))
+    fed = [i for i in counts.index if i in servable.index and servable.at[i, "category"] == target
+           and i not in seen and i not in {x["item_id"] for x in before}][:8]
+    assert len(fed) == 8
+    for item in fed:
+        res = _post(client, "/feedback", {"request_id": "fb-test", "user_id": user, "item_id": item,
+                                          "event_type": "purchase"})
+        assert res.status_code == 200 and res.json()["accepted"], res.text
+    acked = time.perf_counter()
+    after = _post(client, "/recommend", {"user_id": user, "num_items": 20}).json()
+    lag = time.perf_counter() - acked
+    got = Counter(i["category"] for i in after["items"])
+    print(f"feedback -> next response reflecting it: {lag * 1000:.0f} ms; {target} share {share.get(target, 0)} "
+          f"-> {got.get(target, 0)} of 20")
+    assert got.get(target, 0) > share.get(target, 0), (target, share, got)
+    assert not {i["item_id"] for i in after["items"]} & set(fed)  # now seen: never recommended again
+
+
+def test_metrics_and_health(served):
+    client = served["client"]
+    for path in ("/livez", "/healthz", "/readyz"):
+        assert client.get(path).status_code == 200, path
+    text = client.get("/metrics").text
+    for name in ("recsys_requests_total", "recsys_stage_latency_seconds_bucket", "recsys_fallbacks_total",
+                 "recsys_embedding_cache_total", "recsys_freshness_lag_seconds"):
+        assert name in text, name
+    version = [line for line in text.splitlines() if line.startswith("recsys_model_version{")]
+    assert version and float(version[0].split()[-1]) == served["registered"]["version"]
+    assert 'stage="candidates_features"' in text and 'stage="rank_rules"' in text
+
+
+def test_openapi_fuzz_gives_no_5xx(served, tmp_path):
+    """Schemathesis generates requests from the service's OpenAPI schema: none may get a 5xx."""
+    schemathesis = Path(sys.executable).with_name("schemathesis")
+    res = subprocess.run([str(schemathesis), "run", f"{served['service'].url}/docs.json", "--checks",
+                          "not_a_server_error", "--max-examples", "40", "--phases", "coverage,fuzzing",
+                          "--include-path-regex", "^/(recommend|feedback)$", "--seed", "7"],
+                         capture_output=True, text=True, check=False, timeout=300)
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+def test_feedback_log_survives_kill_9(served):
+    """Acknowledged feedback is on disk when the worker dies by SIGKILL mid-stream (runs last: kills it)."""
+    from pipeline_tasks.online.feedback_log import feedback_interactions, read_log
+
+    service, acked, stop = served["service"], [], threading.Event()
+
+    def writer(n: int) -> None:
+        with httpx.Client(base_url=service.url) as c:
+            i = 0
+            while not stop.is_set():
+                rid = f"kill-{n}-{i}"
+                try:
+                    res = c.post("/feedback", json={"request_id": rid, "user_id": "1", "item_id": str(1 + i % 50),
+                                                    "event_type": "click"}, timeout=5)
+                except httpx.HTTPError:
+                    continue
+                if res.status_code == 200:
+                    acked.append(rid)
+                i += 1
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    while len(acked) < 60:
+        time.sleep(0.05)
+    workers = service.workers()
+    assert workers, "no worker process found"
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    logged, _ = read_log(served["feedback_dir"], "feedback")
+    missing = set(acked) - set(logged["request_id"])
+    assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
+    interactions = feedback_interactions(served["feedback_dir"])
+    assert set(interactions["event_type"]) <= {"click", "purchase"} and len(interactions) >= len(acked)
+
+
+def _bento_service(ml100k_run, tmp_path_factory, redis_url: str, workers: int) -> Service:
+    bento = ml100k_run.run.manifest["tasks"]["build_bento"]["outputs"]
+    env = {**os.environ, "BENTOML_HOME": bento["bentoml_home"], "RECSYS_STATE": "redis", "RECSYS_REDIS_URL": redis_url,
+           "RECSYS_FEEDBACK_DIR": str(tmp_path_factory.mktemp("feedback_prod")),
+           "BENTOML_CONFIG_OPTIONS": f"services.RecsysService.workers={workers}"}
+    port = _free_port()
+    bentoml = Path(sys.executable).with_name("bentoml")
+    return Service([str(bentoml), "serve", bento["tag"], "--port", str(port)], env, port,
+                   tmp_path_factory.mktemp("logs") / f"bento-{port}.log")
+
+
+def test_bento_of_the_run(ml100k_run):
+    """`build_bento` built one Bento for the run, tagged with the model version and recorded in MLflow."""
+    from pipeline_tasks.online.bundle import client
+
+    bento = ml100k_run.run.manifest["tasks"]["build_bento"]["outputs"]
+    registered = ml100k_run.registered
+    assert bento["tag"].endswith(f":v{registered['version']}")
+    listed = subprocess.run([str(Path(sys.executable).with_name("bentoml")), "list", "-o", "json"],
+                            env={**os.environ, "BENTOML_HOME": bento["bentoml_home"]}, capture_output=True, text=True,
+                            check=True)
+    tags = {b["tag"] for b in json.loads(listed.stdout)}
+    assert bento["tag"] in tags
+    mv = client().get_model_version(registered["model"], str(registered["version"]))
+    assert mv.tags["recsys.bento"] == bento["tag"]
+
+
+def test_production_profile_shares_state_in_redis(ml100k_run, tmp_path_factory):
+    """The run's Bento under `bentoml serve`, two workers, state in the machine's Redis: feedback sent to any
+    worker is seen by every worker, and the recently-shown filter keeps a user's lists apart."""
+    import redis
+
+    service = _bento_service(ml100k_run, tmp_path_factory, "127.0.0.1:6379", workers=2)
+    r = redis.Redis(host="127.0.0.1", port=6379)
+    user = f"prod-{uuid.uuid4().hex[:8]}"
+    try:
+        service.wait_ready()
+        with httpx.Client(base_url=service.url) as client:
+            known = str(ml100k_run.registered["version"])
+            first = _post(client, "/recommend", {"user_id": "1", "num_items": 10}).json()
+            assert first["model_version"] == int(known)
+            again = _post(client, "/recommend", {"user_id": "1", "num_items": 10}).json()
+            assert not {i["item_id"] for i in first["items"]} & {i["item_id"] for i in again["items"]}
+            for k in range(6):
+                res = _post(client, "/feedback", {"request_id": f"p{k}", "user_id": user, "item_id": str(100 + k),
+                                                  "event_type": "click"})
+                assert res.status_code == 200, res.text
+            keys = {k.decode() for k in r.scan_iter(match=f"*ev:{user}")}
+            assert len(keys) == 1 and r.llen(keys.pop()) == 6
+            for _ in range(6):  # whichever worker answers, the user's fed items are seen, never recommended
+                items = {i["item_id"] for i in _post(client, "/recommend", {"user_id": user}).json()["items"]}
+                assert not items & {str(100 + k) for k in range(6)}
+    finally:
+        service.stop()
+        for key in list(r.scan_iter(match=f"*:{user}")) + list(r.scan_iter(match="*shown:1")):
+            r.delete(key)
+
+
+def test_redis_down_degrades_without_5xx(ml100k_run, tmp_path_factory):
+    """A Redis of the test's own is stopped mid-test: the service keeps answering and counts the fallbacks."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.fail("redis-server is not installed: the production profile's tests need it")
+    port = _free_port()
+    server = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = _bento_service(ml100k_run, tmp_path_factory, f"127.0.0.1:{port}", workers=1)
+    try:
+        service.wait_ready()
+        with httpx.Client(base_url=service.url) as client:
+            assert _post(client, "/recommend", {"user_id": "2"}).status_code == 200
+            server.terminate()
+            server.wait(timeout=10)
+            for k in range(10):
+                res = _post(client, "/recommend", {"user_id": str(3 + k)})
+                assert res.status_code == 200 and len(res.json()["items"]) == 20, res.text
+                fb = _post(client, "/feedback", {"request_id": f"d{k}", "user_id": str(3 + k), "item_id": "50",
+                                                 "event_type": "click"})
+                assert fb.status_code == 200, fb.text
+            metrics = client.get("/metrics").text
+            fallback = [line for line in metrics.splitlines() if line.startswith("recsys_fallbacks_total{")
+                        and "state_" in line]
+            assert fallback and sum(float(line.split()[-1]) for line in fallback) > 0, metrics[-2000:]
+    finally:
+        service.stop()
+        if server.poll() is None:
+            server.kill()
