@@ -123,6 +123,8 @@ class RecsysService:
 
     def _load(self) -> None:
         try:
+            import torch
+
             from pipeline_tasks.core.settings import load_settings
             from pipeline_tasks.online.bundle import open_bundle
             from pipeline_tasks.online.engine import Engine, LocalState
@@ -130,6 +132,7 @@ class RecsysService:
             from pipeline_tasks.online.snapshot import load_snapshot
             from pipeline_tasks.online.two_stage import load_fit, prepare
 
+            torch.set_num_threads(1)  # one request at a time per worker: intra-op threads only add overhead
             started = time.perf_counter()
             bundle = open_bundle(_bundle_dir())
             snapshot_dir = Path(os.environ.get("RECSYS_SNAPSHOT_DIR") or bundle.path / "snapshot")

@@ -27,6 +27,8 @@ the row is taken to be the daily snapshot valid at the request, i.e. the one who
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -52,14 +54,25 @@ def _column(df: pd.DataFrame, name: str, n: int) -> pd.Series:
     return pd.Series([None] * n, dtype=object)
 
 
+def _by_unique(values: pd.Series, fn: Any) -> pd.Series:
+    """``fn`` applied to the distinct values only, spread back to every row (a block of candidates repeats a few
+    request and user values many times); nulls are passed to ``fn`` as one null."""
+    codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
+    mapped = fn(pd.Series(np.append(uniques.astype(object), [None]), dtype=object))
+    return pd.Series(mapped.to_numpy()[np.where(codes >= 0, codes, len(uniques))], index=values.index,
+                     dtype=mapped.dtype)
+
+
 def _utc(values: pd.Series) -> pd.Series:
     """Timestamps as UTC (naive = UTC); unparseable or null values become NaT."""
-    return pd.to_datetime(values, utc=True, errors="coerce")
+    if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
+        return pd.to_datetime(values, utc=True, errors="coerce")
+    return _by_unique(values, lambda u: pd.to_datetime(u, utc=True, errors="coerce"))
 
 
 def _text(values: pd.Series) -> pd.Series:
     """Strings trimmed and lower-cased; nulls stay null."""
-    return values.astype("string").str.strip().str.lower()
+    return _by_unique(values, lambda u: u.astype("string").str.strip().str.lower())
 
 
 def _age_at_request(age_days: pd.Series, row_ts: pd.Series, request_ts: pd.Series) -> np.ndarray:
@@ -89,7 +102,7 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
     if len(user_rows) != n or len(item_rows) != n:
         raise ValueError(f"context_features: requests, user_rows and item_rows must be aligned; got lengths "
                          f"{n}, {len(user_rows)}, {len(item_rows)}")
-    out = pd.DataFrame(index=requests.index)
+    out: dict[str, np.ndarray] = {}
     ts = _utc(_column(requests, REQUEST_TIMESTAMP, n))
 
     seconds = (ts - ts.dt.floor("D")).dt.total_seconds().to_numpy(dtype=float)
@@ -106,13 +119,14 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
         known_device |= hit
     out["device_other"] = (~known_device).astype(float)
 
-    location = _column(requests, "location", n).astype("string").str.strip()
+    location = _by_unique(_column(requests, "location", n), lambda u: u.astype("string").str.strip())
     out["location_known"] = (location.str.len() > 0).fillna(False).to_numpy(dtype=float)
 
-    category = _column(item_rows, "item_category", n).astype("string")
+    category = _by_unique(_column(item_rows, "item_category", n), lambda u: u.astype("string"))
     share = np.zeros(n, dtype=float)
     for k in range(1, TOP_CATEGORIES + 1):
-        match = (_column(user_rows, f"user_top{k}_category", n).astype("string") == category).fillna(False)
+        top = _by_unique(_column(user_rows, f"user_top{k}_category", n), lambda u: u.astype("string"))
+        match = (top == category).fillna(False)
         value = pd.to_numeric(_column(user_rows, f"user_top{k}_share", n), errors="coerce").fillna(0.0)
         share = np.where(match.to_numpy(dtype=bool), value.to_numpy(dtype=float), share)
     out["user_category_share"] = share
@@ -121,4 +135,5 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
         _column(item_rows, "item_age_days", n), _column(item_rows, "event_timestamp", n), ts)
     out["user_days_since_last_event_at_request"] = _age_at_request(
         _column(user_rows, "user_days_since_last_event", n), _column(user_rows, "event_timestamp", n), ts)
-    return out[CONTEXT_FEATURE_COLUMNS].astype("float64")
+    return pd.DataFrame({c: np.asarray(out[c], dtype="float64") for c in CONTEXT_FEATURE_COLUMNS},
+                        index=requests.index)

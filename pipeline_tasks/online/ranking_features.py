@@ -65,10 +65,32 @@ def category_state(history: pd.DataFrame, user_ids: Sequence[str], item_category
     return grouped[[USER_ID, "category", *HISTORY_COLUMNS]]
 
 
-def _zscore(values: pd.Series, query: pd.Series) -> np.ndarray:
-    grouped = values.groupby(query)
-    mean, std = grouped.transform("mean"), grouped.transform("std", ddof=0)
-    return ((values - mean) / std.where(std > 0, 1.0)).to_numpy(dtype=np.float32)
+def _zscore(values: np.ndarray | pd.Series, query: np.ndarray | pd.Series) -> np.ndarray:
+    """Per-query z-score of ``values`` (NaN skipped; population std; a query with zero spread gets std 1)."""
+    codes, _ = pd.factorize(np.asarray(query, dtype=object))
+    x = np.asarray(values, dtype=np.float64)
+    ok = ~np.isnan(x)
+    k = int(codes.max()) + 1 if len(codes) else 0
+    count = np.bincount(codes[ok], minlength=k).astype(np.float64)
+    total = np.bincount(codes[ok], weights=x[ok], minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+        dev = np.where(ok, x - mean[codes], 0.0)
+        var = np.bincount(codes, weights=dev * dev, minlength=k) / count
+    std = np.sqrt(var)
+    std = np.where(std > 0, std, 1.0)
+    return ((x - mean[codes]) / std[codes]).astype(np.float32)
+
+
+def keyed_rows(rows: pd.DataFrame | None, key: str) -> pd.DataFrame | None:
+    """Feature rows indexed by their string ``key`` (last row per key): what :func:`assemble_features` aligns
+    candidates to. A serving process keys its rows once; frames already keyed pass through."""
+    if rows is None or not len(rows):
+        return None
+    if rows.index.name == key and rows.index.is_unique:
+        return rows
+    table = rows.assign(**{key: rows[key].astype(str)}).drop_duplicates(key, keep="last")
+    return table.set_index(table[key].rename(key)).rename_axis(key)
 
 
 def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, item_rows: pd.DataFrame | None,
@@ -88,50 +110,60 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
         :data:`FEATURE_COLUMNS` as float32.
     """
     n = len(candidates)
-    out = pd.DataFrame(index=candidates.index)
-    query = candidates[QUERY_ID].reset_index(drop=True)
+    out: dict[str, np.ndarray] = {}
+    query = candidates[QUERY_ID].to_numpy()
     for s in SOURCES:
         rank = candidates.get(f"{s}_rank")
-        out[f"{s}_rank"] = rank.to_numpy(dtype=np.float32) if rank is not None else np.nan
+        out[f"{s}_rank"] = rank.to_numpy(dtype=np.float32) if rank is not None else np.full(n, np.nan, np.float32)
         score = candidates.get(f"{s}_score")
-        out[f"{s}_score_z"] = (_zscore(score.reset_index(drop=True).astype(float), query)
-                               if score is not None else np.nan)
+        out[f"{s}_score_z"] = _zscore(score.to_numpy(dtype=np.float64), query) if score is not None \
+            else np.full(n, np.nan, np.float32)
     for col in ("fused_score", "pool_rank", "n_sources"):
         out[col] = candidates[col].to_numpy(dtype=np.float32)
 
-    keys = pd.DataFrame({USER_ID: candidates[USER_ID].astype(str).to_numpy(),
-                         ITEM_ID: candidates[ITEM_ID].astype(str).to_numpy(),
-                         "category": candidates["category"].astype(str).to_numpy(), QUERY_ID: query.to_numpy()})
+    user_keys = candidates[USER_ID].astype(str).to_numpy()
+    item_keys = candidates[ITEM_ID].astype(str).to_numpy()
     if categories is not None and len(categories):
-        hist = keys.merge(categories, on=[USER_ID, "category"], how="left")
-        totals = categories.drop_duplicates(USER_ID).set_index(USER_ID)["user_history_events"]
-        hist["user_history_events"] = keys[USER_ID].map(totals).to_numpy()
-        hist["category_affinity"] = hist["category_affinity"].fillna(0.0)
-        for col in HISTORY_COLUMNS:
-            out[col] = hist[col].to_numpy(dtype=np.float32)
+        state = categories.assign(**{USER_ID: categories[USER_ID].astype(str),
+                                     "category": categories["category"].astype(str)})
+        pair = pd.MultiIndex.from_arrays([state[USER_ID], state["category"]])
+        pos = pair.get_indexer(pd.MultiIndex.from_arrays([user_keys, candidates["category"].astype(str).to_numpy()]))
+        totals = state.drop_duplicates(USER_ID).set_index(USER_ID)["user_history_events"]
+        hit = pos >= 0
+        for col in ("category_affinity", "days_since_category"):
+            values = np.full(n, np.nan, np.float32)
+            values[hit] = state[col].to_numpy(dtype=np.float32)[pos[hit]]
+            out[col] = values
+        out["category_affinity"] = np.nan_to_num(out["category_affinity"], nan=0.0)
+        user_pos = totals.index.get_indexer(user_keys)
+        events = np.full(n, np.nan, np.float32)
+        events[user_pos >= 0] = totals.to_numpy(dtype=np.float32)[user_pos[user_pos >= 0]]
+        out["user_history_events"] = events
     else:
         for col in HISTORY_COLUMNS:
-            out[col] = np.float32(0.0) if col != "days_since_category" else np.nan
+            out[col] = np.full(n, np.float32(0.0) if col != "days_since_category" else np.nan, np.float32)
 
-    def aligned(rows: pd.DataFrame | None, key: str) -> pd.DataFrame:
-        if rows is None or not len(rows):
+    def aligned(rows: pd.DataFrame | None, key: str, keys: np.ndarray) -> pd.DataFrame:
+        table = keyed_rows(rows, key)
+        if table is None:
             return pd.DataFrame(index=range(n))
-        table = rows.assign(**{key: rows[key].astype(str)}).drop_duplicates(key, keep="last").set_index(key)
-        return table.reindex(keys[key]).reset_index(drop=True)
+        return table.reindex(keys).reset_index(drop=True)
 
-    users, items = aligned(user_rows, USER_ID), aligned(item_rows, ITEM_ID)
+    users, items = aligned(user_rows, USER_ID, user_keys), aligned(item_rows, ITEM_ID, item_keys)
     for cols, table in ((USER_NUMERIC, users), (ITEM_NUMERIC, items)):
         for col in cols:
             out[col] = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float32) if col in table \
-                else np.nan
-    req = requests.assign(**{QUERY_ID: requests[QUERY_ID]}).set_index(QUERY_ID).reindex(keys[QUERY_ID])
-    req = req.reset_index(drop=True)
-    context = context_features(req[[c for c in (REQUEST_TIMESTAMP, "device", "location") if c in req]],
-                               users.drop(columns=["event_timestamp"], errors="ignore"),
+                else np.full(n, np.nan, np.float32)
+    wanted = [c for c in (REQUEST_TIMESTAMP, "device", "location") if c in requests]
+    req_pos = pd.Index(requests[QUERY_ID]).get_indexer(query)
+    req = requests[wanted].iloc[np.where(req_pos >= 0, req_pos, 0)].reset_index(drop=True)
+    if (req_pos < 0).any():
+        req = req.mask(pd.Series(req_pos < 0), None)
+    context = context_features(req, users.drop(columns=["event_timestamp"], errors="ignore"),
                                items.drop(columns=["event_timestamp"], errors="ignore"))
     for col in CONTEXT_FEATURE_COLUMNS:
         out[col] = context[col].to_numpy(dtype=np.float32)
-    return out[FEATURE_COLUMNS].astype(np.float32)
+    return pd.DataFrame({col: out[col] for col in FEATURE_COLUMNS}, index=candidates.index, dtype=np.float32)
 
 
 def prior_scores(fused_score: np.ndarray, query: np.ndarray, weight: float) -> np.ndarray:
@@ -143,4 +175,4 @@ def prior_scores(fused_score: np.ndarray, query: np.ndarray, weight: float) -> n
     """
     if weight == 0:
         return np.zeros(len(fused_score), dtype=np.float64)
-    return weight * _zscore(pd.Series(np.asarray(fused_score, dtype=np.float64)), pd.Series(query)).astype(np.float64)
+    return weight * _zscore(np.asarray(fused_score, dtype=np.float64), query).astype(np.float64)

@@ -41,6 +41,7 @@ from pipeline_tasks.online.ranking_features import (
     QUERY_ID,
     assemble_features,
     category_state,
+    keyed_rows,
     prior_scores,
 )
 from pipeline_tasks.online.rules import apply_rules
@@ -139,6 +140,8 @@ class Prepared:
     item_vectors: np.ndarray | None
     category: pd.Series  # item id -> category
     rows_of: dict[str, np.ndarray]  # user id -> positions in `history`
+    user_table: pd.DataFrame | None = None  # the moment's Feast user rows keyed by user id (keyed_rows)
+    item_table: pd.DataFrame | None = None  # the same for items
     fresh_source: Callable[[list[str]], pd.DataFrame | None] | None = None
 
     def history_of(self, user_ids: Sequence[str]) -> pd.DataFrame:
@@ -184,7 +187,8 @@ def prepare(fit: Fit, moment: Moment) -> Prepared:
     category = pd.Series(catalog.category, index=fit.item_ids)
     rows_of = pd.Series(np.arange(len(hist))).groupby(hist[USER_ID].astype(str).to_numpy()).indices
     return Prepared(fit, moment, catalog, hist, trending, popularity, item_vectors, category,
-                    {str(u): np.asarray(r) for u, r in rows_of.items()})
+                    {str(u): np.asarray(r) for u, r in rows_of.items()},
+                    keyed_rows(moment.user_rows, USER_ID), keyed_rows(moment.item_rows, ITEM_ID))
 
 
 def _requests(moment: Moment, user_ids: Sequence[str], hist: pd.DataFrame) -> pd.DataFrame:
@@ -256,7 +260,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
             idx = lists.lists["popularity"][0]
             fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
         cold = {u for u, n in zip(chunk, np.diff(history.seen.indptr), strict=True) if n == 0}
-        features = assemble_features(pool, moment.user_rows, moment.item_rows, _requests(moment, chunk, hist),
+        features = assemble_features(pool, state.user_table, state.item_table, _requests(moment, chunk, hist),
                                      category_state(hist, chunk, state.category, moment.at))
         yield Block(chunk, pool, features, fill, cold, lists.lists)
 

@@ -1,0 +1,201 @@
+"""Load benchmark of the recommendation service: open-loop requests at fixed rates over loopback.
+
+Starts `recsys serve` (or `bentoml serve <tag>` with --bento) in the current RECSYS_HOME, waits for /readyz,
+then for each rate sends POST /recommend {user_id, num_items} on a fixed schedule (open loop: a late answer
+does not delay the next request) for --duration seconds from an asyncio client in this process, which shares
+the machine's cores with the service. Users are drawn from the snapshot's users (a --cold-share of unknown
+ones). Prints, per rate: achieved rate, p50 / p95 / p99 client latency, errors; the highest rate held with
+p99 <= --slo-ms; the service's mean time per stage from its /metrics; peak RSS of the service's processes;
+the core count.
+
+    RECSYS_HOME=... .venv/bin/python tests/benchmarks/bench_serving.py --rates 10,25,50,100,200
+    RECSYS_HOME=... .venv/bin/python tests/benchmarks/bench_serving.py --state redis --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import psutil
+
+log = logging.getLogger("bench_serving")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PeakRss:
+    """Peak summed RSS of a process tree, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.pid)
+                total = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                self.peak = max(self.peak, total)
+            self._stop.wait(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+async def _run_rate(url: str, rate: float, duration: float, users: list[str], k: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
+        async def one(user: str) -> None:
+            nonlocal errors
+            t = time.perf_counter()
+            try:
+                res = await client.post("/recommend", json={"user_id": user, "num_items": k})
+                ok = res.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append((time.perf_counter() - t) * 1000)
+            else:
+                errors += 1
+
+        n = int(rate * duration)
+        start = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(users[i % len(users)])))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
+    return {"rate": rate, "sent": n, "achieved_rps": round(len(latencies) / elapsed, 1), "errors": errors,
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+
+
+def _stage_means(metrics: str) -> dict[str, float]:
+    sums = dict(re.findall(r'^recsys_stage_latency_seconds_sum\{stage="([^"]+)"\} (\S+)$', metrics, re.M))
+    counts = dict(re.findall(r'^recsys_stage_latency_seconds_count\{stage="([^"]+)"\} (\S+)$', metrics, re.M))
+    return {s: round(1000 * float(sums[s]) / float(counts[s]), 2) for s in sums if float(counts.get(s, 0)) > 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", default="10,25,50,100,200", help="requests per second, comma-separated")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per rate")
+    parser.add_argument("--k", type=int, default=20, help="num_items")
+    parser.add_argument("--model", default=None, help="registered model (default: the only one)")
+    parser.add_argument("--model-version", default=None, help="bundle version (default: champion)")
+    parser.add_argument("--bento", default=None, help="serve this Bento tag with `bentoml serve` instead")
+    parser.add_argument("--state", default="local", choices=["local", "redis"])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--cold-share", type=float, default=0.05, help="share of requests for unknown users")
+    parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 bound of the highest held rate")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    port = _free_port()
+    env = {**os.environ, "BENTOML_HOME": os.environ.get("BENTOML_HOME",
+                                                        str(Path(os.environ["RECSYS_HOME"]) / "bentoml")),
+           "RECSYS_FEEDBACK_DIR": tempfile.mkdtemp(prefix="bench-serving-feedback-")}
+    if args.bento:
+        env.update(RECSYS_STATE=args.state, BENTOML_CONFIG_OPTIONS=f"services.RecsysService.workers={args.workers}")
+        cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", args.bento, "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "pipeline_tasks.cli", "serve", "--port", str(port), "--state", args.state,
+               "--workers", str(args.workers), "--no-shown-filter"]
+        cmd += ["--model", args.model] if args.model else []
+        cmd += ["--model-version", str(args.model_version)] if args.model_version else []
+    logfile = tempfile.NamedTemporaryFile("w", prefix="bench-serving-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.monotonic()
+        while httpx.get(f"{url}/readyz", timeout=2).status_code != 200 if _up(url) else True:
+            if proc.poll() is not None or time.monotonic() - started > 600:
+                raise SystemExit(f"the service did not become ready; log: {logfile.name}")
+            time.sleep(0.5)
+        ready_s = time.monotonic() - started
+        snapshot = re.search(r"\(snapshot (\S+)\)", Path(logfile.name).read_text())
+        users = _users(snapshot.group(1) if snapshot else None, args.cold_share)
+        sampler = PeakRss(proc.pid)
+        asyncio.run(_run_rate(url, 5, 4, users, args.k))  # warm-up
+        rows = []
+        for rate in [float(r) for r in args.rates.split(",")]:
+            row = asyncio.run(_run_rate(url, rate, args.duration, users, args.k))
+            log.info("rate %s", row)
+            rows.append(row)
+        stages = _stage_means(httpx.get(f"{url}/metrics").text)
+        peak = sampler.stop()
+    finally:
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(proc.pid).children(recursive=True)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+    held = [r["rate"] for r in rows if r["p99_ms"] <= args.slo_ms and r["errors"] == 0
+            and r["achieved_rps"] >= 0.95 * r["rate"]]
+    figures = {"cores": os.cpu_count(), "state": args.state, "workers": args.workers, "ready_s": round(ready_s, 1),
+               "k": args.k, "duration_s": args.duration, "rates": rows,
+               f"highest_rate_p99_le_{int(args.slo_ms)}ms": max(held) if held else None,
+               "mean_stage_ms": stages, "peak_rss_gib": round(peak / 2**30, 2)}
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def _up(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/livez", timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def _users(snapshot_dir: str | None, cold_share: float) -> list[str]:
+    rng = random.Random(7)
+    known: list[str] = []
+    if snapshot_dir:
+        known = pd.read_parquet(Path(snapshot_dir) / "history.parquet", columns=["user_id"])["user_id"] \
+            .astype(str).unique().tolist()
+    known = known or [str(i) for i in range(1, 1000)]
+    users = [rng.choice(known) if rng.random() >= cold_share else f"cold-{rng.randrange(10**9)}"
+             for _ in range(20_000)]
+    return users
+
+
+if __name__ == "__main__":
+    sys.exit(main())
