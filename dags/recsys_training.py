@@ -90,6 +90,9 @@ PARAMS = {
                                         "from its table and gets a stub row; above it the gate fails (default 0.05, "
                                         "RECSYS_MAX_STUB_SHARE)"),
     "horizon_days": Param(None, type=["null", "integer"], minimum=1, description="oldest allowed event age"),
+    "feedback_log": Param(None, type=["null", "string"],
+                          description="a service's feedback log directory (RECSYS_HOME/feedback/<namespace>): its "
+                                      "events of contract types join the source's interactions"),
     "bot_events_per_day": Param(None, type=["null", "integer"], minimum=1,
                                 description="events per user per UTC day above which that day is a bot's"),
     "drift_mode": Param(DEFAULT_PARAMS["drift_mode"], enum=["warn", "fail"],

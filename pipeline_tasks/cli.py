@@ -269,6 +269,9 @@ def run(
     gate: Annotated[str | None, typer.Option(
         help="JSON registry gate overrides, e.g. '{\"metrics\": [\"ndcg@10\", \"pool_recall\"], "
              "\"tolerance\": 0.01}'")] = None,
+    feedback_log: Annotated[str | None, typer.Option(
+        help="a service's feedback log DIR (default none; `recsys serve` writes $RECSYS_HOME/feedback/<namespace>):"
+             " its events of contract types join the source's interactions")] = None,
     wait: Annotated[bool, typer.Option(
         "--wait", help="if another `recsys run` is running on this RECSYS_HOME, queue behind it instead of refusing")]
     = False,
@@ -289,7 +292,8 @@ def run(
                             "two_tower": _json_option(two_tower, "--two-tower"),
                             "index": _json_option(index, "--index"),
                             "candidates": _json_option(candidates, "--candidates"),
-                            "ranker": _json_option(ranker, "--ranker"), "gate": _json_option(gate, "--gate")}
+                            "ranker": _json_option(ranker, "--ranker"), "gate": _json_option(gate, "--gate"),
+                            "feedback_log": str(_abs(Path(feedback_log))) if feedback_log else None}
     synthetic = dict(DEFAULT_PARAMS["synthetic"])
     for key, value in (("n_events", events), ("n_users", users), ("n_items", items), ("n_days", days),
                        ("seed", seed)):

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any, TypedDict
 
+import pandas as pd
+
 from pipeline_tasks.data.contract import ContractError, ContractTables, read_contract_dir, write_contract_dir
 
 log = logging.getLogger(__name__)
@@ -69,9 +71,25 @@ class IngestResult(TypedDict):
     source: str
 
 
-def ingest(source: str, out_dir: str | Path, synthetic: dict[str, Any] | None = None) -> IngestResult:
-    """Write the source's tables as a contract directory under ``out_dir``; return paths and counts."""
+def ingest(source: str, out_dir: str | Path, synthetic: dict[str, Any] | None = None,
+           feedback_log: str | Path | None = None) -> IngestResult:
+    """Write the source's tables as a contract directory under ``out_dir``; return paths and counts.
+
+    With ``feedback_log`` (a service's log directory, :mod:`pipeline_tasks.online.feedback_log`), its feedback
+    events of contract event types are appended to the interactions: validation treats them like any input
+    row (quarantined with a reason when invalid). Impressions never become interactions.
+    """
     tables = load_source(source, synthetic)
+    if feedback_log:
+        from pipeline_tasks.online.feedback_log import feedback_interactions
+
+        events = feedback_interactions(feedback_log)
+        base = tables.interactions
+        events = events.reindex(columns=base.columns)
+        tables.interactions = pd.concat([base, events.astype({c: base[c].dtype for c in ("user_id", "item_id")
+                                                              if c in base})], ignore_index=True)
+        log.info("feedback log %s: %d events of contract types joined the %d source interactions", feedback_log,
+                 len(events), len(base))
     paths = write_contract_dir(tables, Path(out_dir))
     counts = tables.counts()
     log.info("ingested %s: %s rows -> %s", source, counts, out_dir)

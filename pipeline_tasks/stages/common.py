@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, TypedDict
 
 from pipeline_tasks.core.constants import DEFAULT_PARAMS
@@ -35,6 +36,7 @@ class RunConfig(TypedDict):
     candidates: dict[str, Any]
     ranker: dict[str, Any]
     gate: dict[str, Any]
+    feedback_log: str | None
     namespace: str  # the source's identity: its feature history and MLflow experiment (core.namespace)
 
 
@@ -58,6 +60,9 @@ def resolve_config(params: dict[str, Any] | None) -> RunConfig:
     merged["event_types"] = list(settings.event_types)
     merged["namespace"] = source_namespace(merged["source"], merged["synthetic"] if merged["source"] == "synthetic"
                                            else None)
+    if merged.get("feedback_log") and not Path(merged["feedback_log"]).is_dir():
+        raise InvalidParamsError(f"feedback_log={merged['feedback_log']!r} is not a directory: give a service's "
+                                 "feedback log (`recsys serve` writes $RECSYS_HOME/feedback/<namespace>)")
     if merged["drift_mode"] not in ("warn", "fail"):
         raise InvalidParamsError(f"drift_mode={merged['drift_mode']!r}: use 'warn' or 'fail'")
     config = RunConfig(**merged)  # type: ignore[typeddict-item]

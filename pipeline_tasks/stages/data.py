@@ -17,7 +17,8 @@ def ingest_stage(run_id: str, params: dict[str, Any] | None) -> IngestResult:
 
     p = resolve_config(params)
     start_run(run_id, config=dict(p))
-    out = run_stage(run_id, "ingest", ingest, source=p["source"], synthetic=p["synthetic"])
+    out = run_stage(run_id, "ingest", ingest, source=p["source"], synthetic=p["synthetic"],
+                    feedback_log=p.get("feedback_log"))
     update_manifest(run_dir(run_id), input_rows=out["counts"])
     return out
 

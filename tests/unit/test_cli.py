@@ -197,6 +197,7 @@ PARAM_OPTIONS = {
     "candidates": (["--candidates", '{"pool_size": 100}'], {"pool_size": 100}),
     "ranker": (["--ranker", '{"n_trials": 3}'], {"n_trials": 3}),
     "gate": (["--gate", '{"tolerance": 0.02}'], {"tolerance": 0.02}),
+    "feedback_log": (["--feedback-log", "/tmp"], "/tmp"),
 }
 
 

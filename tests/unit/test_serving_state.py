@@ -63,3 +63,28 @@ def test_feedback_log_partitions_and_reads_back(tmp_path):
     assert str(interactions["timestamp"].dt.tz) == "UTC"
     impressions, _ = read_log(tmp_path, "impressions")
     assert json.loads(impressions.to_json(orient="records"))[0]["position"] == 1
+
+
+def test_training_ingests_logged_feedback(tmp_path):
+    """`recsys run --feedback-log DIR`: logged events of contract types join the source's interactions."""
+    from pipeline_tasks.core.errors import InvalidParamsError
+    from pipeline_tasks.data.contract import read_contract_dir
+    from pipeline_tasks.data.ingest import ingest
+    from pipeline_tasks.stages.common import resolve_config
+
+    log = FeedbackLog(tmp_path / "feedback")
+    log.append("feedback", [{"request_id": "r1", "user_id": "u_new", "item_id": "i1", "event_type": "purchase",
+                             "timestamp": "2025-01-05T10:00:00Z"},
+                            {"request_id": "r2", "user_id": "u_new", "item_id": "i2", "event_type": "dwell",
+                             "timestamp": "2025-01-05T10:01:00Z"}])
+    log.append("impressions", [{"request_id": "r1", "user_id": "u_new", "item_id": "i9", "position": 1}])
+    log.close()
+    synthetic = {"n_users": 50, "n_items": 40, "n_days": 10, "n_events": 500, "faults": "none", "seed": 3}
+    plain = ingest("synthetic", tmp_path / "plain", synthetic)
+    joined = ingest("synthetic", tmp_path / "joined", synthetic, feedback_log=tmp_path / "feedback")
+    assert joined["counts"]["interactions"] == plain["counts"]["interactions"] + 1
+    inter = read_contract_dir(tmp_path / "joined").interactions
+    row = inter[inter["user_id"].astype(str) == "u_new"]
+    assert row[["item_id", "event_type"]].astype(str).values.tolist() == [["i1", "purchase"]]
+    with pytest.raises(InvalidParamsError, match="feedback_log"):
+        resolve_config({"feedback_log": str(tmp_path / "missing")})
