@@ -30,6 +30,7 @@ source did not return it), the fused score and its pool rank.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -115,6 +116,11 @@ class ItemGraph:
         sp.save_npz(path / "cooccurrence.npz", self.cooccurrence)
         sp.save_npz(path / "content.npz", self.content)
         pd.DataFrame({ITEM_ID: self.item_ids}).to_parquet(path / "item_ids.parquet", index=False)
+
+    @functools.cached_property
+    def index(self) -> pd.Index:
+        """The catalog's item ids as an index (positions = catalog indices)."""
+        return pd.Index(self.item_ids, dtype=object)
 
     @classmethod
     def load(cls, path: str | Path) -> ItemGraph:
@@ -257,7 +263,8 @@ class UserHistory:
         rows = uindex.get_indexer(h[USER_ID].astype(str))
         h = h[rows >= 0]
         rows = rows[rows >= 0]
-        cols = pd.Index([str(i) for i in item_ids]).get_indexer(h[ITEM_ID].astype(str))
+        index = item_ids if isinstance(item_ids, pd.Index) else pd.Index([str(i) for i in item_ids])
+        cols = index.get_indexer(h[ITEM_ID].astype(str))
         ok = cols >= 0
         shape = (len(uids), len(item_ids))
         seen = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])), shape=shape)

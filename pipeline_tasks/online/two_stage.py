@@ -142,6 +142,7 @@ class Prepared:
     rows_of: dict[str, np.ndarray]  # user id -> positions in `history`
     user_table: pd.DataFrame | None = None  # the moment's Feast user rows keyed by user id (keyed_rows)
     item_table: pd.DataFrame | None = None  # the same for items
+    users_table: pd.DataFrame | None = None  # the contract users table keyed by user id (first row per id)
     fresh_source: Callable[[list[str]], pd.DataFrame | None] | None = None
 
     def history_of(self, user_ids: Sequence[str]) -> pd.DataFrame:
@@ -162,13 +163,13 @@ class VectorCache(Protocol):
     def set_many(self, vectors: Mapping[str, np.ndarray]) -> None: ...
 
 
-def _user_vectors(fit: Fit, user_ids: list[str], hist: pd.DataFrame, moment: Moment,
-                  cache: VectorCache | None) -> np.ndarray:
+def _user_vectors(fit: Fit, user_ids: list[str], hist: pd.DataFrame, user_rows: pd.DataFrame | None,
+                  users: pd.DataFrame | None, cache: VectorCache | None) -> np.ndarray:
     """The users' two-tower embeddings, from ``cache`` where it has them."""
     have = cache.get_many(user_ids) if cache is not None else {}
     missing = [u for u in user_ids if u not in have]
     if missing:
-        fresh = fit.model.user_embeddings(missing, hist, moment.user_rows, moment.users)
+        fresh = fit.model.user_embeddings(missing, hist, user_rows, users)
         computed = dict(zip(missing, fresh, strict=True))
         if cache is not None:
             cache.set_many(computed)
@@ -188,7 +189,23 @@ def prepare(fit: Fit, moment: Moment) -> Prepared:
     rows_of = pd.Series(np.arange(len(hist))).groupby(hist[USER_ID].astype(str).to_numpy()).indices
     return Prepared(fit, moment, catalog, hist, trending, popularity, item_vectors, category,
                     {str(u): np.asarray(r) for u, r in rows_of.items()},
-                    keyed_rows(moment.user_rows, USER_ID), keyed_rows(moment.item_rows, ITEM_ID))
+                    keyed_rows(moment.user_rows, USER_ID), keyed_rows(moment.item_rows, ITEM_ID),
+                    _first_rows(moment.users))
+
+
+def _first_rows(users: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The users table keyed by string id, first row per id (what the encoder and histories read)."""
+    if users is None or not len(users):
+        return users
+    table = users.assign(**{USER_ID: users[USER_ID].astype(str)}).drop_duplicates(USER_ID, keep="first")
+    return table.set_index(table[USER_ID].rename(None))
+
+
+def _rows_of(table: pd.DataFrame | None, user_ids: Sequence[str]) -> pd.DataFrame | None:
+    """The rows of these users in a keyed table (a request reads its users' rows, not the whole table)."""
+    if table is None:
+        return None
+    return table.loc[table.index.intersection(pd.Index(user_ids, dtype=object))].reset_index(drop=True)
 
 
 def _requests(moment: Moment, user_ids: Sequence[str], hist: pd.DataFrame) -> pd.DataFrame:
@@ -235,7 +252,8 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
     for start in range(0, len(ids), step):
         chunk = ids[start:start + step]
         hist = state.history_of(chunk)
-        history = UserHistory.build(hist, chunk, fit.item_ids, moment.at, cfg, moment.users)
+        users = _rows_of(state.users_table, chunk) if moment.users is not None else None
+        history = UserHistory.build(hist, chunk, fit.graph.index, moment.at, cfg, users)
         if requests is not None and "location" in requests:
             given = requests.assign(**{USER_ID: requests[USER_ID].astype(str)}).drop_duplicates(USER_ID, keep="last")
             where = dict(zip(given[USER_ID], given["location"], strict=True))
@@ -243,7 +261,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
                               for u, r in zip(chunk, history.region, strict=True)]
         user_vectors = None
         if fit.model is not None:
-            user_vectors = _user_vectors(fit, chunk, hist, moment, vectors)
+            user_vectors = _user_vectors(fit, chunk, hist, _rows_of(state.user_table, chunk), users, vectors)
         lists = source_lists(user_vectors, state.item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
                              state.trending, state.popularity, cfg)
         pool = fuse(lists, cfg)
