@@ -383,12 +383,16 @@ def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
             fused[hit] += config.weights.get(source, 0.0) / (config.rrf_k + rank[hit])
             n_sources += hit
         out[f"{source}_rank"] = rank
-    frame = pd.DataFrame(out)
-    frame["fused_score"] = fused
-    frame["n_sources"] = n_sources
-    frame = frame.sort_values(["row", "fused_score", "item"], ascending=[True, False, True], kind="stable")
-    frame["pool_rank"] = frame.groupby("row").cumcount() + 1
-    frame = frame[frame["pool_rank"] <= config.ranked].reset_index(drop=True)
+    out["fused_score"], out["n_sources"] = fused, n_sources
+    # Per row, best fused score first, ties by catalog index: a lexsort (last key first), then each row's ranks.
+    order = np.lexsort((out["item"], -fused, out["row"]))
+    rows_sorted = out["row"][order]
+    starts = np.flatnonzero(np.r_[True, rows_sorted[1:] != rows_sorted[:-1]])
+    pool_rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)])) + 1
+    keep = pool_rank <= config.ranked
+    taken = order[keep]
+    frame = pd.DataFrame({name: values[taken] for name, values in out.items()})
+    frame["pool_rank"] = pool_rank[keep]
     rows, items = frame["row"].to_numpy(), frame["item"].to_numpy()
     for source in SOURCES:  # every source's score for every candidate (a cross feature), NaN without it
         values = block.dense.get(source)
