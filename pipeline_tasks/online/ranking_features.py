@@ -50,19 +50,28 @@ def category_state(history: pd.DataFrame, user_ids: Sequence[str], item_category
     """
     wanted = pd.Index([str(u) for u in user_ids])
     h = history[(history[TIMESTAMP] < at)]
-    h = h[wanted.get_indexer(h[USER_ID].astype(str)) >= 0]
+    users = h[USER_ID].astype(str).to_numpy()
+    h = h[wanted.get_indexer(users) >= 0]
     if not len(h):
         return pd.DataFrame(columns=[USER_ID, "category", *HISTORY_COLUMNS])
-    frame = pd.DataFrame({USER_ID: h[USER_ID].astype(str).to_numpy(),
-                          "category": h[ITEM_ID].astype(str).map(item_category).fillna("unknown").to_numpy(),
-                          TIMESTAMP: pd.to_datetime(h[TIMESTAMP], utc=True).to_numpy()})
-    grouped = frame.groupby([USER_ID, "category"], sort=False)[TIMESTAMP].agg(["size", "max"]).reset_index()
-    totals = grouped.groupby(USER_ID)["size"].transform("sum")
-    grouped["category_affinity"] = grouped["size"] / totals
-    grouped["days_since_category"] = (at - pd.to_datetime(grouped["max"], utc=True)).dt.total_seconds() \
-        / SECONDS_PER_DAY
-    grouped["user_history_events"] = totals.astype(float)
-    return grouped[[USER_ID, "category", *HISTORY_COLUMNS]]
+    users = h[USER_ID].astype(str).to_numpy()
+    category = h[ITEM_ID].astype(str).map(item_category).fillna("unknown").to_numpy()
+    stamps = pd.to_datetime(h[TIMESTAMP], utc=True).dt.as_unit("ns").astype(np.int64).to_numpy()
+    # Groups (user, category) in order of first appearance, as a groupby with sort=False gives them.
+    u_codes, u_uniques = pd.factorize(users)
+    c_codes, c_uniques = pd.factorize(category)
+    codes, pairs = pd.factorize(u_codes.astype(np.int64) * len(c_uniques) + c_codes)
+    size = np.bincount(codes, minlength=len(pairs))
+    latest = np.full(len(pairs), np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(latest, codes, stamps)
+    g_user_codes = pairs // len(c_uniques)
+    totals = np.bincount(g_user_codes, weights=size, minlength=len(u_uniques))[g_user_codes]
+    at_ns = pd.Timestamp(at).tz_convert("UTC").value if pd.Timestamp(at).tzinfo else pd.Timestamp(at).value
+    return pd.DataFrame({USER_ID: np.asarray(u_uniques, dtype=object)[g_user_codes],
+                         "category": np.asarray(c_uniques, dtype=object)[pairs % len(c_uniques)],
+                         "category_affinity": size / totals,
+                         "days_since_category": ((at_ns - latest) / 1e9) / SECONDS_PER_DAY,
+                         "user_history_events": totals.astype(float)})
 
 
 def _zscore(values: np.ndarray | pd.Series, query: np.ndarray | pd.Series) -> np.ndarray:
