@@ -258,34 +258,69 @@ class UserHistory:
         """``history`` holds events before ``at`` (later rows are ignored); ``users`` gives locations of users
         without located events."""
         uids = [str(u) for u in user_ids]
-        uindex = pd.Index(uids)
-        h = history[history[TIMESTAMP] < at] if len(history) else history
-        rows = uindex.get_indexer(h[USER_ID].astype(str))
-        h = h[rows >= 0]
-        rows = rows[rows >= 0]
         index = item_ids if isinstance(item_ids, pd.Index) else pd.Index([str(i) for i in item_ids])
-        cols = index.get_indexer(h[ITEM_ID].astype(str))
+        shape = (len(uids), len(index))
+        at_ns = _ns(pd.Series([at]))[0]
+        stamps = _ns(history[TIMESTAMP]) if len(history) else np.zeros(0, np.int64)
+        before = stamps < at_ns
+        rows = pd.Index(uids).get_indexer(history[USER_ID].to_numpy()[before].astype(str))
+        kept = np.flatnonzero(before)[rows >= 0]  # positions in `history` of these users' events before `at`
+        rows = rows[rows >= 0]
+        cols = index.get_indexer(history[ITEM_ID].to_numpy()[kept].astype(str))
         ok = cols >= 0
-        shape = (len(uids), len(item_ids))
         seen = sp.csr_matrix((np.ones(int(ok.sum()), np.float32), (rows[ok], cols[ok])), shape=shape)
         seen.data[:] = 1.0
-        last = pd.DataFrame({"u": rows[ok], "i": cols[ok], "t": h[TIMESTAMP].to_numpy()[ok]})
-        last = last.sort_values("t", kind="stable").drop_duplicates(["u", "i"], keep="last")
-        last["k"] = last.groupby("u").cumcount(ascending=False)
-        last = last[last["k"] < config.recent_items]
-        age = (at - pd.to_datetime(last["t"], utc=True)).dt.total_seconds().to_numpy() / SECONDS_PER_DAY
+        # Each user's distinct items by their latest event, newest first; the first `recent_items` of them.
+        u, i, t = rows[ok], cols[ok], stamps[kept][ok]
+        order = np.argsort(t, kind="stable")
+        u, i, t = u[order], i[order], t[order]
+        last = _last_of(u.astype(np.int64) * max(len(index), 1) + i)
+        u, i, t = u[last], i[last], t[last]
+        newer = _count_after(u)
+        keep = newer < config.recent_items
+        age = ((at_ns - t[keep]) / 1e9) / SECONDS_PER_DAY
         weight = np.power(0.5, np.clip(age, 0, None) / config.recency_half_life_days).astype(np.float32)
-        recent = sp.csr_matrix((weight, (last["u"].to_numpy(), last["i"].to_numpy())), shape=shape)
+        recent = sp.csr_matrix((weight, (u[keep], i[keep])), shape=shape)
         region: list[str | None] = [None] * len(uids)
         if users is not None and "location" in users:
             loc = users.assign(**{USER_ID: users[USER_ID].astype(str)}).drop_duplicates(USER_ID).set_index(USER_ID)
             region = [v if isinstance(v, str) and v else None for v in loc["location"].reindex(uids)]
-        if "location" in h and len(h):
-            located = h[h["location"].notna()].assign(_u=rows[h["location"].notna().to_numpy()])
-            newest = located.sort_values(TIMESTAMP, kind="stable").drop_duplicates("_u", keep="last")
-            for u, loc_value in zip(newest["_u"], newest["location"], strict=True):
-                region[int(u)] = str(loc_value)
+        if "location" in history and len(kept):
+            located = history["location"].to_numpy()[kept]
+            has = pd.notna(located)
+            lu, lt, lv = rows[has], stamps[kept][has], located[has]
+            order = np.argsort(lt, kind="stable")
+            lu, lv = lu[order], lv[order]
+            for pos in _last_of(lu):
+                region[int(lu[pos])] = str(lv[pos])
         return cls(uids, seen.tocsr(), recent.tocsr(), region)
+
+
+def _ns(values: pd.Series) -> np.ndarray:
+    """UTC timestamps as int64 nanoseconds."""
+    return pd.to_datetime(values, utc=True).dt.as_unit("ns").astype(np.int64).to_numpy()
+
+
+def _last_of(keys: np.ndarray) -> np.ndarray:
+    """Positions of the last occurrence of each key, in increasing position order."""
+    if not len(keys):
+        return np.zeros(0, dtype=np.int64)
+    _, first_from_end = np.unique(keys[::-1], return_index=True)
+    return np.sort(len(keys) - 1 - first_from_end)
+
+
+def _count_after(groups: np.ndarray) -> np.ndarray:
+    """For each position, how many later positions hold the same group (a descending cumcount)."""
+    if not len(groups):
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
+    sizes = np.diff(np.r_[starts, len(groups)])
+    ascending = np.arange(len(groups)) - np.repeat(starts, sizes)
+    out = np.empty(len(groups), dtype=np.int64)
+    out[order] = np.repeat(sizes, sizes) - 1 - ascending
+    return out
 
 
 def item_counts(history: pd.DataFrame, item_ids: Sequence[str], at: pd.Timestamp,

@@ -130,11 +130,15 @@ def test_parity_with_recsys_recommend(served, tmp_path):
         got[user] = [i["item_id"] for i in body["items"]]
     users_file, out = tmp_path / "users.txt", tmp_path / "recs.parquet"
     users_file.write_text("\n".join(users))
-    res = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", "recommend", "--users", str(users_file),
-                          "--k", "20", "--as-of", served["meta"]["as_of"], "--data", str(served["data"]),
-                          "--model", registered["model"], "--model-version", str(registered["version"]),
-                          "--output", str(out)], capture_output=True, text=True, check=False, env=served["env"])
-    assert res.returncode == 0, res.stderr[-3000:]
+    from typer.testing import CliRunner
+
+    from pipeline_tasks.cli import app
+
+    res = CliRunner().invoke(app, ["recommend", "--users", str(users_file), "--k", "20", "--as-of",
+                                   served["meta"]["as_of"], "--data", str(served["data"]), "--model",
+                                   registered["model"], "--model-version", str(registered["version"]),
+                                   "--output", str(out)])
+    assert res.exit_code == 0, res.output[-3000:]
     offline = pd.read_parquet(out)
     for user in users:
         assert offline[offline["user_id"] == user].sort_values("rank")["item_id"].tolist() == got[user], user
