@@ -174,15 +174,34 @@ def _mean_std(values: pd.Series, log: bool = True) -> list[float]:
 
 
 def user_histories(history: pd.DataFrame, user_ids: Sequence[str], encoder: Encoder, history_len: int) -> np.ndarray:
-    """Each user's last ``history_len`` distinct items in ``history`` (events up to the query), newest first."""
-    first = first_interactions(history)
-    first = first.assign(_idx=encoder.item_index(first[ITEM_ID].tolist()))
-    tails = first.groupby(first[USER_ID].astype(str))["_idx"].apply(lambda s: s.to_numpy()[::-1][:history_len])
+    """Each user's last ``history_len`` distinct items in ``history`` (events up to the query), newest first.
+
+    Items are ordered by their first interaction (as :func:`first_interactions`): a repeated event on an item
+    does not move it."""
     out = np.zeros((len(user_ids), history_len), dtype=np.int64)
-    for r, u in enumerate(user_ids):
-        h = tails.get(str(u))
-        if h is not None:
-            out[r, : len(h)] = h
+    if not len(history) or not len(user_ids):
+        return out
+    rows = pd.Index([str(u) for u in user_ids]).get_indexer(history[USER_ID].astype(str).to_numpy())
+    mine = rows >= 0
+    stamps = pd.to_datetime(history[TIMESTAMP], utc=True).dt.as_unit("ns").astype(np.int64).to_numpy()[mine]
+    rows = rows[mine]
+    items = history[ITEM_ID].astype(str).to_numpy()[mine]
+    order = np.argsort(stamps, kind="stable")
+    rows, items = rows[order], items[order]
+    item_codes, _ = pd.factorize(items)
+    _, first = np.unique(rows.astype(np.int64) * (int(item_codes.max()) + 1 if len(item_codes) else 1) + item_codes,
+                         return_index=True)
+    first = np.sort(first)  # each (user, item) at its first event, in time order
+    rows, items = rows[first], items[first]
+    # newest first: position = how many of the user's distinct items came after this one
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    sizes = np.diff(np.r_[starts, len(rows)])
+    position = np.empty(len(rows), dtype=np.int64)
+    position[order] = np.repeat(sizes, sizes) - 1 - (np.arange(len(rows)) - np.repeat(starts, sizes))
+    keep = position < history_len
+    out[rows[keep], position[keep]] = encoder.item_index(items[keep].tolist())
     return out
 
 
