@@ -35,6 +35,10 @@ import pandas as pd
 REQUEST_TIMESTAMP = "request_timestamp"
 DEVICES = ("mobile", "desktop", "tablet")  # anything else is "other"
 TOP_CATEGORIES = 3
+# The feature-row columns context_features reads (besides an optional event_timestamp).
+CONTEXT_USER_COLUMNS = [*(f"user_top{k}_{part}" for k in range(1, TOP_CATEGORIES + 1)
+                          for part in ("category", "share")), "user_days_since_last_event"]
+CONTEXT_ITEM_COLUMNS = ["item_category", "item_age_days"]
 SECONDS_PER_DAY = 86_400.0
 HOURS_PER_DAY = 24.0
 DAYS_PER_WEEK = 7.0
@@ -70,15 +74,31 @@ def _utc(values: pd.Series) -> pd.Series:
     return _by_unique(values, lambda u: pd.to_datetime(u, utc=True, errors="coerce"))
 
 
-def _text(values: pd.Series) -> pd.Series:
-    """Strings trimmed and lower-cased; nulls stay null."""
-    return _by_unique(values, lambda u: u.astype("string").str.strip().str.lower())
+_NAT = np.iinfo(np.int64).min
+_DAY_NS = 86_400 * 10**9
 
 
-def _age_at_request(age_days: pd.Series, row_ts: pd.Series, request_ts: pd.Series) -> np.ndarray:
+def _ns_of(values: pd.Series) -> np.ndarray:
+    """UTC timestamps as int64 nanoseconds (naive = UTC; unparseable or null: the NaT sentinel)."""
+    stamps = _utc(values)
+    if not isinstance(stamps.dtype, pd.DatetimeTZDtype):  # all null: an object column of NaT
+        return np.full(len(values), _NAT, dtype=np.int64)
+    return stamps.array.as_unit("ns").asi8
+
+
+def _strings(values: pd.Series, fn: Any) -> np.ndarray:
+    """Each value as a string passed through ``fn`` (None for nulls), computed once per distinct value."""
+    codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
+    mapped = np.array([fn(str(v)) for v in uniques] + [None], dtype=object)
+    return mapped[np.where(codes >= 0, codes, len(uniques))]
+
+
+def _age_at_request(age_days: pd.Series, row_ts: pd.Series, request_ns: np.ndarray) -> np.ndarray:
     """A day count of a snapshot row moved forward to the request time (clipped at 0)."""
-    row_ts = _utc(row_ts).fillna(request_ts.dt.floor("D"))
-    elapsed = (request_ts - row_ts).dt.total_seconds().to_numpy(dtype=float) / SECONDS_PER_DAY
+    row_ns = _ns_of(row_ts)
+    midnight = np.floor_divide(request_ns, _DAY_NS) * _DAY_NS
+    row_ns = np.where(row_ns == _NAT, midnight, row_ns)
+    elapsed = np.where(request_ns == _NAT, np.nan, (request_ns - row_ns) / 1e9) / SECONDS_PER_DAY
     age = pd.to_numeric(age_days, errors="coerce").to_numpy(dtype=float)
     return np.clip(age + elapsed, 0.0, None)
 
@@ -103,32 +123,36 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
         raise ValueError(f"context_features: requests, user_rows and item_rows must be aligned; got lengths "
                          f"{n}, {len(user_rows)}, {len(item_rows)}")
     out: dict[str, np.ndarray] = {}
-    ts = _utc(_column(requests, REQUEST_TIMESTAMP, n))
-
-    seconds = (ts - ts.dt.floor("D")).dt.total_seconds().to_numpy(dtype=float)
+    ts = _ns_of(_column(requests, REQUEST_TIMESTAMP, n))
+    missing_ts = ts == _NAT
+    day = np.floor_divide(ts, _DAY_NS)
+    seconds = np.where(missing_ts, np.nan, (ts - day * _DAY_NS) / 1e9)
+    weekday = np.where(missing_ts, np.nan, ((day + 3) % 7).astype(float))  # 1970-01-01 was a Thursday (3)
     hour_angle = 2 * np.pi * seconds / SECONDS_PER_DAY
-    weekday_angle = 2 * np.pi * ts.dt.weekday.to_numpy(dtype=float, na_value=np.nan) / DAYS_PER_WEEK
+    weekday_angle = 2 * np.pi * weekday / DAYS_PER_WEEK
     out["hour_sin"], out["hour_cos"] = np.sin(hour_angle), np.cos(hour_angle)
     out["weekday_sin"], out["weekday_cos"] = np.sin(weekday_angle), np.cos(weekday_angle)
 
-    device = _text(_column(requests, "device", n))
+    device = _strings(_column(requests, "device", n), lambda v: v.strip().lower())
     known_device = np.zeros(n, dtype=bool)
     for name in DEVICES:
-        hit = (device == name).fillna(False).to_numpy(dtype=bool)
+        hit = device == name
         out[f"device_{name}"] = hit.astype(float)
         known_device |= hit
     out["device_other"] = (~known_device).astype(float)
 
-    location = _by_unique(_column(requests, "location", n), lambda u: u.astype("string").str.strip())
-    out["location_known"] = (location.str.len() > 0).fillna(False).to_numpy(dtype=float)
+    location = _strings(_column(requests, "location", n), lambda v: v.strip())
+    out["location_known"] = np.array([v is not None and len(v) > 0 for v in location], dtype=float) if n else \
+        np.zeros(0)
 
-    category = _by_unique(_column(item_rows, "item_category", n), lambda u: u.astype("string"))
+    category = _strings(_column(item_rows, "item_category", n), lambda v: v)
+    has_category = np.array([v is not None for v in category], dtype=bool) if n else np.zeros(0, bool)
     share = np.zeros(n, dtype=float)
     for k in range(1, TOP_CATEGORIES + 1):
-        top = _by_unique(_column(user_rows, f"user_top{k}_category", n), lambda u: u.astype("string"))
-        match = (top == category).fillna(False)
+        top = _strings(_column(user_rows, f"user_top{k}_category", n), lambda v: v)
+        match = (top == category) & has_category
         value = pd.to_numeric(_column(user_rows, f"user_top{k}_share", n), errors="coerce").fillna(0.0)
-        share = np.where(match.to_numpy(dtype=bool), value.to_numpy(dtype=float), share)
+        share = np.where(match, value.to_numpy(dtype=float), share)
     out["user_category_share"] = share
 
     out["item_age_days_at_request"] = _age_at_request(

@@ -22,7 +22,13 @@ import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.online.candidates import SECONDS_PER_DAY, SOURCES
-from pipeline_tasks.online.context_features import CONTEXT_FEATURE_COLUMNS, REQUEST_TIMESTAMP, context_features
+from pipeline_tasks.online.context_features import (
+    CONTEXT_FEATURE_COLUMNS,
+    CONTEXT_ITEM_COLUMNS,
+    CONTEXT_USER_COLUMNS,
+    REQUEST_TIMESTAMP,
+    context_features,
+)
 
 QUERY_ID = "query_id"
 PRIOR = "prior_weight"  # the ranker hyper-parameter of prior_scores
@@ -152,13 +158,26 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
         for col in HISTORY_COLUMNS:
             out[col] = np.full(n, np.float32(0.0) if col != "days_since_category" else np.nan, np.float32)
 
-    def aligned(rows: pd.DataFrame | None, key: str, keys: np.ndarray) -> pd.DataFrame:
+    def aligned(rows: pd.DataFrame | None, key: str, keys: np.ndarray, columns: list[str]) -> pd.DataFrame:
+        """``columns`` of each candidate's row (NaN where the key has none), taken by position."""
         table = keyed_rows(rows, key)
         if table is None:
             return pd.DataFrame(index=range(n))
-        return table.reindex(keys).reset_index(drop=True)
+        pos = table.index.get_indexer(keys)
+        hit = pos >= 0
+        data = {}
+        for col in columns:
+            if col not in table:
+                continue
+            values = table[col].to_numpy()[np.where(hit, pos, 0)]
+            if not hit.all():
+                values = values.astype(np.float64 if values.dtype.kind in "biuf" else object)
+                values[~hit] = np.nan
+            data[col] = values
+        return pd.DataFrame(data, index=range(n))
 
-    users, items = aligned(user_rows, USER_ID, user_keys), aligned(item_rows, ITEM_ID, item_keys)
+    users = aligned(user_rows, USER_ID, user_keys, [*USER_NUMERIC, *CONTEXT_USER_COLUMNS])
+    items = aligned(item_rows, ITEM_ID, item_keys, [*ITEM_NUMERIC, *CONTEXT_ITEM_COLUMNS])
     for cols, table in ((USER_NUMERIC, users), (ITEM_NUMERIC, items)):
         for col in cols:
             out[col] = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float32) if col in table \
@@ -168,8 +187,8 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
     req = requests[wanted].iloc[np.where(req_pos >= 0, req_pos, 0)].reset_index(drop=True)
     if (req_pos < 0).any():
         req = req.mask(pd.Series(req_pos < 0), None)
-    context = context_features(req, users.drop(columns=["event_timestamp"], errors="ignore"),
-                               items.drop(columns=["event_timestamp"], errors="ignore"))
+    # Rows without their event_timestamp: each is the daily snapshot valid at the request (context_features).
+    context = context_features(req, users, items)
     for col in CONTEXT_FEATURE_COLUMNS:
         out[col] = context[col].to_numpy(dtype=np.float32)
     return pd.DataFrame({col: out[col] for col in FEATURE_COLUMNS}, index=candidates.index, dtype=np.float32)
