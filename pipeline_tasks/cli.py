@@ -509,9 +509,10 @@ def recommend(
 
 def serving_snapshot(bundle: Any, as_of: str | None, data_dir: Path | None, rebuild: bool) -> Path:
     """The bundle's serving snapshot at ``as_of`` under ``$RECSYS_HOME/serving/``, written when missing."""
-    from pipeline_tasks.bundle.recommend import as_utc, snapshot_moment, write_snapshot
+    from pipeline_tasks.bundle.recommend import snapshot_moment, write_snapshot
+    from pipeline_tasks.data.validate import to_utc
 
-    at = as_utc(as_of) if as_of else snapshot_moment(bundle)
+    at = to_utc(as_of) if as_of else snapshot_moment(bundle)
     key = at.strftime("%Y%m%dT%H%M%S") + ("" if data_dir is None else "-" + data_dir.name)
     target = load_settings().home / "serving" / bundle.name / f"v{bundle.version}" / f"snapshot-{key}"
     if rebuild or not (target / "snapshot.json").exists():

@@ -22,8 +22,9 @@ import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.core.settings import Settings, load_settings
+from pipeline_tasks.data.validate import to_utc
 from pipeline_tasks.online.bundle import Bundle
-from pipeline_tasks.online.two_stage import RULES_ORDER, Fit, Moment, Prepared, load_fit, prepare, ranked_lists
+from pipeline_tasks.online.two_stage import RULES_ORDER, Fit, Moment, load_fit, ranked_lists
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,6 @@ def _read_contract(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataF
     return inter, tables.items, users
 
 
-def as_utc(ts: pd.Timestamp | str) -> pd.Timestamp:
-    at = pd.Timestamp(ts)
-    return at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")
-
-
 def load_moment(bundle: Bundle, as_of: pd.Timestamp | str, user_ids: Sequence[str] | None,
                 data_dir: str | Path | None = None, fit: str = "serving",
                 settings: Settings | None = None) -> tuple[Fit, Moment]:
@@ -67,7 +63,7 @@ def load_moment(bundle: Bundle, as_of: pd.Timestamp | str, user_ids: Sequence[st
     and of the fit's items."""
     from pipeline_tasks.features.history import features_at
 
-    at = as_utc(as_of)
+    at = to_utc(as_of)
     source = Path(data_dir) if data_dir is not None else Path(bundle.meta["accepted_dir"])
     interactions, items, users = _read_contract(source)
     history = interactions[interactions[TIMESTAMP] < at]
@@ -130,21 +126,7 @@ def snapshot_moment(bundle: Bundle) -> pd.Timestamp:
     value = bundle.meta.get("as_of")
     if not value:
         raise ValueError(f"bundle {bundle.path} has no as_of; give the service's as_of explicitly")
-    return as_utc(value)
-
-
-def serving_state(bundle: Bundle, as_of: pd.Timestamp | str | None = None, data_dir: str | Path | None = None,
-                  fit: str = "serving", settings: Settings | None = None) -> Prepared:
-    """Everything a service holds in memory to answer any user at ``as_of`` (default: the bundle's): the fit,
-    history, catalog, every known user's and item's Feast rows, trending and popularity counts, embeddings."""
-    started = time.perf_counter()
-    at = as_utc(as_of) if as_of is not None else snapshot_moment(bundle)
-    loaded, moment = load_moment(bundle, at, None, data_dir, fit, settings)
-    state = prepare(loaded, moment)
-    log.info("serving state of %s version %d (%s fit) at %s: %d users, %d items, %d events, in %.1f s",
-             bundle.name, bundle.version, fit, at.isoformat(), len(state.rows_of), len(loaded.item_ids),
-             len(state.history), time.perf_counter() - started)
-    return state
+    return to_utc(value)
 
 
 def write_snapshot(bundle: Bundle, out_dir: str | Path, as_of: pd.Timestamp | str | None = None,
@@ -155,7 +137,7 @@ def write_snapshot(bundle: Bundle, out_dir: str | Path, as_of: pd.Timestamp | st
     from pipeline_tasks.online.snapshot import save_snapshot
 
     started = time.perf_counter()
-    at = as_utc(as_of) if as_of is not None else snapshot_moment(bundle)
+    at = to_utc(as_of) if as_of is not None else snapshot_moment(bundle)
     _, moment = load_moment(bundle, at, None, data_dir, fit, settings)
     out = save_snapshot(moment, out_dir, {"model": bundle.name, "version": bundle.version, "fit": fit,
                                           "data_dir": str(data_dir or bundle.meta.get("accepted_dir"))})
