@@ -185,7 +185,7 @@ class Engine:
         self.ages = item_age_days(state.moment.items, state.moment.at)
         self.known_users = frozenset(state.rows_of)
         self._columns = list(state.history.columns)
-        self._lock = threading.Lock()  # one request at a time through the shared Prepared (pandas/torch state)
+        self._lock = threading.Lock()  # one request at a time (the work holds the GIL; interleaving only adds latency)
 
     @property
     def at(self) -> pd.Timestamp:
@@ -225,13 +225,9 @@ class Engine:
                                      "location": [context.get("location")]})
         with self._lock:
             t1 = time.perf_counter()
-            self.state.fresh_source = lambda users: self._fresh_frame({u: fresh[u] for u in users if u in fresh})
             cache = _CacheAdapter(guarded, self.embedding_ttl_s)
-            try:
-                block = next(user_blocks(self.state, [user], fill_k=k + len(blocked), requests=requests,
-                                         vectors=cache))
-            finally:
-                self.state.fresh_source = None
+            block = next(user_blocks(self.state, [user], fill_k=k + len(blocked), requests=requests,
+                                     vectors=cache, fresh=self._fresh_frame(fresh)))
             timings["candidates_features"] = (time.perf_counter() - t1) * 1000
             t2 = time.perf_counter()
             ranked = rank_block(self.state.fit, block, k, rules=self.rules, age_days=self.ages,

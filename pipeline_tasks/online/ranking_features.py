@@ -97,14 +97,14 @@ def _zscore(values: np.ndarray | pd.Series, query: np.ndarray | pd.Series) -> np
     return ((x - mean[codes]) / std[codes]).astype(np.float32)
 
 
-def keyed_rows(rows: pd.DataFrame | None, key: str) -> pd.DataFrame | None:
-    """Feature rows indexed by their string ``key`` (last row per key): what :func:`assemble_features` aligns
-    candidates to. A serving process keys its rows once; frames already keyed pass through."""
+def keyed_rows(rows: pd.DataFrame | None, key: str, keep: str = "last") -> pd.DataFrame | None:
+    """Rows indexed by their string ``key`` (one row per key, the ``keep`` one): what :func:`assemble_features`
+    aligns candidates to. A serving process keys its rows once; frames already keyed pass through."""
     if rows is None or not len(rows):
         return None
     if rows.index.name == key and rows.index.is_unique:
         return rows
-    table = rows.assign(**{key: rows[key].astype(str)}).drop_duplicates(key, keep="last")
+    table = rows.assign(**{key: rows[key].astype(str)}).drop_duplicates(key, keep=keep)
     return table.set_index(table[key].rename(key)).rename_axis(key)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -127,8 +127,7 @@ class Prepared:
     popularity counts, item embeddings and categories, and an index of each user's history rows.
 
     ``recsys recommend`` builds it once per call and the service once per load; both then answer blocks of
-    users through :func:`user_blocks`. ``fresh_source`` (the service's) returns events that arrived after it
-    was built (feedback), appended to their user's history.
+    users through :func:`user_blocks`, which never changes it.
     """
 
     fit: Fit
@@ -143,16 +142,17 @@ class Prepared:
     user_table: pd.DataFrame | None = None  # the moment's Feast user rows keyed by user id (keyed_rows)
     item_table: pd.DataFrame | None = None  # the same for items
     users_table: pd.DataFrame | None = None  # the contract users table keyed by user id (first row per id)
-    fresh_source: Callable[[list[str]], pd.DataFrame | None] | None = None
 
-    def history_of(self, user_ids: Sequence[str]) -> pd.DataFrame:
-        """The history rows of these users (fresh events included), in time order per user."""
+    def history_of(self, user_ids: Sequence[str], fresh: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The history rows of these users in time order per user, then their rows of ``fresh`` (events that
+        arrived after the state was built, e.g. the service's feedback) as their newest."""
         parts = [self.rows_of[u] for u in user_ids if u in self.rows_of]
         base = self.history.iloc[np.concatenate(parts)] if parts else self.history.iloc[:0]
-        extra = self.fresh_source(list(user_ids)) if self.fresh_source is not None else None
-        if extra is None or not len(extra):
+        if fresh is not None and len(fresh):
+            fresh = fresh[fresh[USER_ID].astype(str).isin(set(user_ids))]
+        if fresh is None or not len(fresh):
             return base
-        return pd.concat([base, extra.astype(base.dtypes.to_dict(), errors="ignore")], ignore_index=True)
+        return pd.concat([base, fresh.astype(base.dtypes.to_dict(), errors="ignore")], ignore_index=True)
 
 
 class VectorCache(Protocol):
@@ -190,15 +190,7 @@ def prepare(fit: Fit, moment: Moment) -> Prepared:
     return Prepared(fit, moment, catalog, hist, trending, popularity, item_vectors, category,
                     {str(u): np.asarray(r) for u, r in rows_of.items()},
                     keyed_rows(moment.user_rows, USER_ID), keyed_rows(moment.item_rows, ITEM_ID),
-                    _first_rows(moment.users))
-
-
-def _first_rows(users: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The users table keyed by string id, first row per id (what the encoder and histories read)."""
-    if users is None or not len(users):
-        return users
-    table = users.assign(**{USER_ID: users[USER_ID].astype(str)}).drop_duplicates(USER_ID, keep="first")
-    return table.set_index(table[USER_ID].rename(None))
+                    keyed_rows(moment.users, USER_ID, keep="first"))  # the encoder and histories read the first
 
 
 def _rows_of(table: pd.DataFrame | None, user_ids: Sequence[str]) -> pd.DataFrame | None:
@@ -234,12 +226,13 @@ def candidate_blocks(fit: Fit, moment: Moment, user_ids: Sequence[str], fill_k: 
 
 def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
                 block_users: int | None = None, requests: pd.DataFrame | None = None,
-                vectors: VectorCache | None = None) -> Iterator[Block]:
+                vectors: VectorCache | None = None, fresh: pd.DataFrame | None = None) -> Iterator[Block]:
     """The pool and feature rows of each block of ``user_ids`` from a prepared moment.
 
     ``requests`` (``user_id``, ``device``, ``location``) is each user's request context (default: the moment's,
     else their latest event's); a given location is also the region servability is checked for. ``vectors``
     caches user embeddings between calls (the service's cache; invalidated when a user's history changes).
+    ``fresh`` holds events newer than the prepared history (:meth:`Prepared.history_of`).
     """
     ids = [str(u) for u in user_ids]
     fit, moment, catalog = state.fit, state.moment, state.catalog
@@ -251,7 +244,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
     step = block_users or max(1, min(BLOCK_CELLS // max(len(fit.item_ids), 1), POOL_ROWS_PER_BLOCK // cfg.ranked))
     for start in range(0, len(ids), step):
         chunk = ids[start:start + step]
-        hist = state.history_of(chunk)
+        hist = state.history_of(chunk, fresh)
         users = _rows_of(state.users_table, chunk) if moment.users is not None else None
         history = UserHistory.build(hist, chunk, fit.graph.index, moment.at, cfg, users)
         if requests is not None and "location" in requests:

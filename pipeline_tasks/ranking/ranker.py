@@ -89,9 +89,10 @@ def load_ranking_set(path: str | Path, max_rows: int | None = None, seed: int = 
 
 
 def positive_queries(df: pd.DataFrame) -> pd.DataFrame:
-    """Only the queries with at least one positive label (the others carry no ranking signal)."""
+    """Only the queries with at least one positive label (the others carry no ranking signal); the frame itself
+    when every query has one (no copy)."""
     keep = df.groupby(QUERY_ID)[LABEL].transform("max") > 0
-    return df[keep].reset_index(drop=True)
+    return df if keep.all() else df[keep].reset_index(drop=True)
 
 
 def holdout_mask(df: pd.DataFrame, share: float, seed: int) -> np.ndarray:
@@ -195,8 +196,7 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
     import optuna
     from optuna_integration import LightGBMPruningCallback
 
-    if not (df.groupby(QUERY_ID)[LABEL].max() > 0).all():
-        df = positive_queries(df)
+    df = positive_queries(df)
     n_queries = df[QUERY_ID].nunique()
     held = holdout_mask(df, config.holdout_share, config.seed)
     if held.all() or not held.any():
