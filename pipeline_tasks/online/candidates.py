@@ -44,6 +44,7 @@ import scipy.sparse as sp
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.core.errors import InvalidParamsError
 from pipeline_tasks.core.params import known_params
+from pipeline_tasks.online.arrays import count_after, count_before, last_of, utc_ns
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,8 @@ class UserHistory:
         uids = [str(u) for u in user_ids]
         index = item_ids if isinstance(item_ids, pd.Index) else pd.Index([str(i) for i in item_ids])
         shape = (len(uids), len(index))
-        at_ns = _ns(pd.Series([at]))[0]
-        stamps = _ns(history[TIMESTAMP]) if len(history) else np.zeros(0, np.int64)
+        at_ns = utc_ns(pd.Series([at]))[0]
+        stamps = utc_ns(history[TIMESTAMP]) if len(history) else np.zeros(0, np.int64)
         before = stamps < at_ns
         rows = pd.Index(uids).get_indexer(history[USER_ID].to_numpy()[before].astype(str))
         kept = np.flatnonzero(before)[rows >= 0]  # positions in `history` of these users' events before `at`
@@ -274,9 +275,9 @@ class UserHistory:
         u, i, t = rows[ok], cols[ok], stamps[kept][ok]
         order = np.argsort(t, kind="stable")
         u, i, t = u[order], i[order], t[order]
-        last = _last_of(u.astype(np.int64) * max(len(index), 1) + i)
+        last = last_of(u.astype(np.int64) * max(len(index), 1) + i)
         u, i, t = u[last], i[last], t[last]
-        newer = _count_after(u)
+        newer = count_after(u)
         keep = newer < config.recent_items
         age = ((at_ns - t[keep]) / 1e9) / SECONDS_PER_DAY
         weight = np.power(0.5, np.clip(age, 0, None) / config.recency_half_life_days).astype(np.float32)
@@ -291,36 +292,9 @@ class UserHistory:
             lu, lt, lv = rows[has], stamps[kept][has], located[has]
             order = np.argsort(lt, kind="stable")
             lu, lv = lu[order], lv[order]
-            for pos in _last_of(lu):
+            for pos in last_of(lu):
                 region[int(lu[pos])] = str(lv[pos])
         return cls(uids, seen.tocsr(), recent.tocsr(), region)
-
-
-def _ns(values: pd.Series) -> np.ndarray:
-    """UTC timestamps as int64 nanoseconds."""
-    return pd.to_datetime(values, utc=True).dt.as_unit("ns").astype(np.int64).to_numpy()
-
-
-def _last_of(keys: np.ndarray) -> np.ndarray:
-    """Positions of the last occurrence of each key, in increasing position order."""
-    if not len(keys):
-        return np.zeros(0, dtype=np.int64)
-    _, first_from_end = np.unique(keys[::-1], return_index=True)
-    return np.sort(len(keys) - 1 - first_from_end)
-
-
-def _count_after(groups: np.ndarray) -> np.ndarray:
-    """For each position, how many later positions hold the same group (a descending cumcount)."""
-    if not len(groups):
-        return np.zeros(0, dtype=np.int64)
-    order = np.argsort(groups, kind="stable")
-    sorted_groups = groups[order]
-    starts = np.flatnonzero(np.r_[True, sorted_groups[1:] != sorted_groups[:-1]])
-    sizes = np.diff(np.r_[starts, len(groups)])
-    ascending = np.arange(len(groups)) - np.repeat(starts, sizes)
-    out = np.empty(len(groups), dtype=np.int64)
-    out[order] = np.repeat(sizes, sizes) - 1 - ascending
-    return out
 
 
 def item_counts(history: pd.DataFrame, item_ids: Sequence[str], at: pd.Timestamp,
@@ -421,9 +395,7 @@ def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
     out["fused_score"], out["n_sources"] = fused, n_sources
     # Per row, best fused score first, ties by catalog index: a lexsort (last key first), then each row's ranks.
     order = np.lexsort((out["item"], -fused, out["row"]))
-    rows_sorted = out["row"][order]
-    starts = np.flatnonzero(np.r_[True, rows_sorted[1:] != rows_sorted[:-1]])
-    pool_rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)])) + 1
+    pool_rank = count_before(out["row"][order]) + 1
     keep = pool_rank <= config.ranked
     taken = order[keep]
     frame = pd.DataFrame({name: values[taken] for name, values in out.items()})

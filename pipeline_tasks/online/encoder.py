@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, UNKNOWN_CATEGORY, USER_ID
+from pipeline_tasks.online.arrays import count_after, first_of, utc_ns
 
 # Feast service two_tower_v1's columns the towers read (user_last_items is replaced by the exact
 # event history; item_category by the catalog's category, which a new item has before any snapshot).
@@ -183,23 +184,15 @@ def user_histories(history: pd.DataFrame, user_ids: Sequence[str], encoder: Enco
         return out
     rows = pd.Index([str(u) for u in user_ids]).get_indexer(history[USER_ID].astype(str).to_numpy())
     mine = rows >= 0
-    stamps = pd.to_datetime(history[TIMESTAMP], utc=True).dt.as_unit("ns").astype(np.int64).to_numpy()[mine]
+    stamps = utc_ns(history[TIMESTAMP])[mine]
     rows = rows[mine]
     items = history[ITEM_ID].astype(str).to_numpy()[mine]
     order = np.argsort(stamps, kind="stable")
     rows, items = rows[order], items[order]
     item_codes, _ = pd.factorize(items)
-    _, first = np.unique(rows.astype(np.int64) * (int(item_codes.max()) + 1 if len(item_codes) else 1) + item_codes,
-                         return_index=True)
-    first = np.sort(first)  # each (user, item) at its first event, in time order
-    rows, items = rows[first], items[first]
-    # newest first: position = how many of the user's distinct items came after this one
-    order = np.argsort(rows, kind="stable")
-    sorted_rows = rows[order]
-    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
-    sizes = np.diff(np.r_[starts, len(rows)])
-    position = np.empty(len(rows), dtype=np.int64)
-    position[order] = np.repeat(sizes, sizes) - 1 - (np.arange(len(rows)) - np.repeat(starts, sizes))
+    first = first_of(rows.astype(np.int64) * (int(item_codes.max(initial=0)) + 1) + item_codes)
+    rows, items = rows[first], items[first]  # each (user, item) at its first event, in time order
+    position = count_after(rows)  # newest first: how many of the user's distinct items came after this one
     keep = position < history_len
     out[rows[keep], position[keep]] = encoder.item_index(items[keep].tolist())
     return out

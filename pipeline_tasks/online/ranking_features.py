@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
+from pipeline_tasks.online.arrays import utc_ns
 from pipeline_tasks.online.candidates import SECONDS_PER_DAY, SOURCES
 from pipeline_tasks.online.context_features import (
     CONTEXT_FEATURE_COLUMNS,
@@ -62,7 +63,7 @@ def category_state(history: pd.DataFrame, user_ids: Sequence[str], item_category
         return pd.DataFrame(columns=[USER_ID, "category", *HISTORY_COLUMNS])
     users = h[USER_ID].astype(str).to_numpy()
     category = h[ITEM_ID].astype(str).map(item_category).fillna("unknown").to_numpy()
-    stamps = pd.to_datetime(h[TIMESTAMP], utc=True).dt.as_unit("ns").astype(np.int64).to_numpy()
+    stamps = utc_ns(h[TIMESTAMP])
     # Groups (user, category) in order of first appearance, as a groupby with sort=False gives them.
     u_codes, u_uniques = pd.factorize(users)
     c_codes, c_uniques = pd.factorize(category)
