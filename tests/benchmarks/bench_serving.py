@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     try:
         started = time.monotonic()
-        while httpx.get(f"{url}/readyz", timeout=2).status_code != 200 if _up(url) else True:
+        while not _ready(url):
             if proc.poll() is not None or time.monotonic() - started > 600:
                 raise SystemExit(f"the service did not become ready; log: {logfile.name}")
             time.sleep(0.5)
@@ -177,10 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _up(url: str) -> bool:
+def _ready(url: str) -> bool:
     try:
-        httpx.get(f"{url}/livez", timeout=1)
-        return True
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
