@@ -110,13 +110,10 @@ def freshness_boost(
 
 def dedup(item_ids: Sequence[str]) -> list[int]:
     """Positions of the first occurrence of each id, in list order."""
-    seen: set[Any] = set()
-    keep: list[int] = []
-    for pos, item in enumerate(item_ids):
-        if item not in seen:
-            seen.add(item)
-            keep.append(pos)
-    return keep
+    if not len(item_ids):
+        return []
+    first = ~pd.Index(np.asarray(item_ids, dtype=object)).duplicated(keep="first")
+    return np.flatnonzero(first).tolist()
 
 
 def _category_key(value: Any) -> str:
@@ -180,8 +177,9 @@ def cap_per_category(
         log.debug("cap_per_category: %d categories cannot fill the top %d under a cap of %d; %d slots take "
                   "skipped items", len(counts), slots, max_per_category, slots - len(picked))
         picked.extend(skipped[: slots - len(picked)])
-    in_top = set(picked)
-    return picked + [pos for pos in range(n) if pos not in in_top]
+    rest = np.ones(n, dtype=bool)
+    rest[picked] = False
+    return picked + np.flatnonzero(rest).tolist()
 
 
 def _check_length(name: str, values: Any, n: int) -> None:
@@ -242,7 +240,9 @@ def apply_rules(
     positions = np.arange(n)
     # The first occurrence of each id in (raw score desc, position) order is its best one.
     by_raw = np.lexsort((positions, -raw))
-    kept = np.sort(by_raw[dedup([item_ids[i] for i in by_raw])])
+    id_array = np.empty(n, dtype=object)
+    id_array[:] = list(item_ids) if not isinstance(item_ids, np.ndarray) else item_ids
+    kept = np.sort(by_raw[dedup(id_array[by_raw])])
     if len(kept) < n:
         log.debug("apply_rules: dropped %d duplicate candidate(s)", n - len(kept))
     kept_raw = raw[kept]
@@ -250,9 +250,14 @@ def apply_rules(
     final = freshness_boost(kept_raw, age[kept], positive=positive) if freshness else positive(kept_raw)
     # lexsort: the last key is the primary one; kept is ascending, so ties fall back to input order.
     order = kept[np.lexsort((kept, -kept_raw, -final))]
-    final_of = dict(zip(kept.tolist(), final.tolist(), strict=True))
+    final_at = np.empty(n, dtype=np.float64)
+    final_at[kept] = final
     if cap:
-        cats = [UNKNOWN_CATEGORY] * len(order) if categories is None else [categories[i] for i in order]
-        order = order[cap_per_category([item_ids[i] for i in order], cats, max_per_category, top)]
-    ids = [item_ids[i] for i in order]
-    return ids, np.array([final_of[i] for i in order.tolist()], dtype=np.float64)
+        if categories is None:
+            cats: Any = [UNKNOWN_CATEGORY] * len(order)
+        else:
+            cat_array = np.empty(n, dtype=object)
+            cat_array[:] = list(categories) if not isinstance(categories, np.ndarray) else categories
+            cats = cat_array[order]
+        order = order[cap_per_category(id_array[order], cats, max_per_category, top)]
+    return id_array[order].tolist(), final_at[order]

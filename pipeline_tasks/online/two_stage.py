@@ -300,28 +300,38 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
         score = np.where(pool[f"{order}_rank"].notna(), -pool[f"{order}_rank"].to_numpy(dtype=float), -np.inf)
     else:
         raise ValueError(f"order={order!r}: use 'ranker', 'pool' or one of {SOURCES}")
-    frame = pd.DataFrame({USER_ID: pool[USER_ID].to_numpy(), ITEM_ID: pool[ITEM_ID].to_numpy(), "score": score,
-                          "trend": pool["trending_rank"].to_numpy(dtype=float), "category": pool["category"]})
-    if order in SOURCES:
-        frame = frame[np.isfinite(frame["score"])]
+    users = pool[USER_ID].to_numpy(dtype=object)
+    items = pool[ITEM_ID].to_numpy(dtype=object)
+    trend = pool["trending_rank"].to_numpy(dtype=float)
+    category = pool["category"].to_numpy(dtype=object)
+    keep = np.isfinite(score) if order in SOURCES else np.ones(len(pool), dtype=bool)
     if exclude:
-        pairs = {(u, i) for u, items in exclude.items() for i in items}
-        frame = frame[[(u, i) not in pairs for u, i in zip(frame[USER_ID], frame[ITEM_ID], strict=True)]]
-    frame = frame.sort_values([USER_ID, "score"], ascending=[True, False], kind="stable")
+        pairs = {(u, i) for u, listed in exclude.items() for i in listed}
+        keep &= np.fromiter(((u, i) not in pairs for u, i in zip(users, items, strict=True)), bool, len(pool))
+    rows = np.flatnonzero(keep)
+    # Per user (by id), best score first; ties keep the pool's order (a stable sort, as the lists always were).
+    codes, names = pd.factorize(users[rows], sort=True)
+    rows = rows[np.lexsort((-np.asarray(score, dtype=float)[rows], codes))]
+    codes = np.sort(codes, kind="stable")
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, int)
+    ends = np.r_[starts[1:], len(codes)].astype(int)
+    ages = age_days.reindex(items[rows]).to_numpy(dtype=float) if rules and age_days is not None and len(rows) \
+        else np.full(len(rows), np.nan)
     out: dict[str, list[tuple[str, float]]] = {}
-    for user, group in frame.groupby(USER_ID, sort=False):
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        at = rows[start:end]
+        user = str(users[at[0]])
         if user in block.cold:
-            group = group[group["trend"].notna()].sort_values("trend", kind="stable")
-            items, scores = group[ITEM_ID].tolist(), (-group["trend"].to_numpy()).tolist()
+            at = at[~np.isnan(trend[at])]
+            at = at[np.argsort(trend[at], kind="stable")]
+            chosen, scores = items[at].tolist(), (-trend[at]).tolist()
         elif rules:
-            ages = age_days.reindex(group[ITEM_ID]).to_numpy(dtype=float) if age_days is not None \
-                else np.full(len(group), np.nan)
-            items, boosted = apply_rules(group[ITEM_ID].tolist(), group["score"].to_numpy(dtype=float),
-                                         group["category"].tolist(), ages)
-            scores = list(np.asarray(boosted, dtype=float))
+            chosen, boosted = apply_rules(items[at], np.asarray(score, dtype=float)[at], category[at],
+                                          ages[start:end])
+            scores = boosted.tolist()
         else:
-            items, scores = group[ITEM_ID].tolist(), group["score"].tolist()
-        out[str(user)] = list(zip(items[:k], scores[:k], strict=True))
+            chosen, scores = items[at].tolist(), np.asarray(score, dtype=float)[at].tolist()
+        out[user] = list(zip(chosen[:k], scores[:k], strict=True))
     for user in block.user_ids:
         have = out.setdefault(user, [])
         if len(have) < k:
