@@ -57,6 +57,10 @@ TRENDING_DAYS_GRID = (1.0, 7.0, 30.0)
 # regularisation strengths (the range ../shared/bench/baselines.py searches) when the catalog is small enough.
 GRAPH_GRID: list[dict[str, Any]] = [{"graph": "cosine"}, *({"graph": "ease", "ease_lambda": lam}
                                                             for lam in (100.0, 500.0, 2000.0))]
+# How a user's history seeds i2i (and content), tried with every graph: the config's own values first, then the
+# user's recent 1,000 items at the same half-life, and at a one-year half-life (long histories of slow tastes).
+HISTORY_GRID: list[dict[str, Any]] = [{}, {"recent_items": 1000},
+                                      {"recent_items": 1000, "recency_half_life_days": 365.0}]
 
 
 @dataclass
@@ -163,9 +167,11 @@ def choice_users(truth: dict[str, set[str]], seed: int = 0) -> list[str]:
 
 
 def choose_graph(fit: Fit, moment: Moment, truth: dict[str, set[str]], base: CandidateConfig,
-                 content: np.ndarray | None, grid: Sequence[dict[str, Any]] = GRAPH_GRID
+                 content: np.ndarray | None, grid: Sequence[dict[str, Any]] = GRAPH_GRID,
+                 history_grid: Sequence[dict[str, Any]] = HISTORY_GRID
                  ) -> tuple[CandidateConfig, Any, list[dict[str, Any]]]:
-    """The item-to-item graph with the best i2i recall@N on the validation window: (config, graph, table)."""
+    """The item-to-item graph and history seeding (``recent_items``, ``recency_half_life_days``) with the best
+    i2i recall@N on the validation window: (config, graph, table). Each graph is built once."""
     from pipeline_tasks.online.candidates import EASE_MAX_ITEMS, ItemTable, UserHistory, source_lists
 
     users = choice_users(truth)
@@ -175,28 +181,32 @@ def choose_graph(fit: Fit, moment: Moment, truth: dict[str, set[str]], base: Can
     hist = moment.history[moment.history[TIMESTAMP] < moment.at]
     zeros = np.zeros(len(fit.item_ids), np.float32)
     only_i2i = replace(base, weights={"i2i": 1.0})
-    history = UserHistory.build(hist, users, fit.item_ids, moment.at, base, moment.users)
+    histories = [replace(base, **option) for option in history_grid]
+    built = [UserHistory.build(hist, users, fit.item_ids, moment.at, cfg, moment.users) for cfg in histories]
+    step = max(1, BLOCK_CELLS // max(len(fit.item_ids), 1))
     table, best = [], None
     for option in grid:
         if option.get("graph") == "ease" and len(fit.item_ids) > EASE_MAX_ITEMS:
             continue
-        cfg = replace(base, **option)
-        graph = build_item_graph(hist, fit.item_ids, content, cfg)
-        hits = 0.0
-        step = max(1, BLOCK_CELLS // max(len(fit.item_ids), 1))
-        for start in range(0, len(users), step):
-            rows = slice(start, min(start + step, len(users)))
-            idx = source_lists(None, None, history, rows, graph, catalog, zeros, zeros, only_i2i).lists["i2i"][0]
-            wanted, counts = truth_keys(users[rows], truth, index)
-            r, c = np.nonzero(idx >= 0)
-            hits += recall_sum(r.astype(np.int64) * n_items + idx[r, c], wanted, counts, n_items)
-        recall = hits / max(len(users), 1)
-        table.append({**option, "i2i_recall": round(recall, 4)})
-        if best is None or recall > best[0]:
-            best = (recall, cfg, graph)
+        graph = build_item_graph(hist, fit.item_ids, content, replace(base, **option))
+        for seeding, history in zip(history_grid, built, strict=True):
+            cfg = replace(base, **option, **seeding)
+            hits = 0.0
+            for start in range(0, len(users), step):
+                rows = slice(start, min(start + step, len(users)))
+                idx = source_lists(None, None, history, rows, graph, catalog, zeros, zeros, only_i2i).lists["i2i"][0]
+                wanted, counts = truth_keys(users[rows], truth, index)
+                r, c = np.nonzero(idx >= 0)
+                hits += recall_sum(r.astype(np.int64) * n_items + idx[r, c], wanted, counts, n_items)
+            recall = hits / max(len(users), 1)
+            table.append({**option, "recent_items": cfg.recent_items,
+                          "recency_half_life_days": cfg.recency_half_life_days, "i2i_recall": round(recall, 4)})
+            if best is None or recall > best[0]:
+                best = (recall, cfg, graph)
     assert best is not None
-    log.info("item graph chosen on validation: %s, lambda %s (i2i recall@%d %.4f); tried %s", best[1].graph,
-             best[1].ease_lambda, base.pool_size, best[0], table)
+    log.info("item graph chosen on validation: %s, lambda %s, recent %d items, half-life %s days (i2i recall@%d "
+             "%.4f); tried %s", best[1].graph, best[1].ease_lambda, best[1].recent_items,
+             best[1].recency_half_life_days, base.pool_size, best[0], table)
     return best[1], best[2], table
 
 

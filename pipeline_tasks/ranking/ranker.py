@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 # LightGBM's documented lambdarank defaults, the study's first trial (so a tiny budget still gives a sane model).
 BASE_PARAMS: dict[str, Any] = {"learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
-                               "feature_fraction": 0.9, "bagging_fraction": 0.9, "lambda_l2": 1e-3, PRIOR: 0.0}
+                               "feature_fraction": 0.9, "bagging_fraction": 0.9, "lambda_l2": 1e-3,
+                               "lambdarank_truncation_level": 30, PRIOR: 0.0}
+# The study's range of lambdarank's truncation level (LightGBM: pairs are formed with the top this-many items of a
+# query). Deeper levels also order the pool's lower half (recall@N) at a cost linear in the level.
+TRUNCATION_RANGE = (10, 200)
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,8 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
             "feature_fraction": trial.suggest_float("feature_fraction", 0.5, 1.0),
             "bagging_fraction": trial.suggest_float("bagging_fraction", 0.5, 1.0),
             "lambda_l2": trial.suggest_float("lambda_l2", 1e-3, 10.0, log=True),
+            "lambdarank_truncation_level": trial.suggest_int("lambdarank_truncation_level", *TRUNCATION_RANGE,
+                                                             log=True),
             # how strongly the ranker starts from the pool's fusion order (0: not at all; see prior_scores)
             PRIOR: trial.suggest_float(PRIOR, 0.0, 3.0),
         }

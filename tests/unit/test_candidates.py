@@ -132,3 +132,22 @@ def test_config_refuses_unknown_params():
         CandidateConfig(graph="magic")
     assert CandidateConfig(pool_size=10).ranked == 20
     assert CandidateConfig.from_params({"weights": {"i2i": 3.0}}).weights["two_tower"] == 1.0
+
+
+def test_validation_chooses_how_history_seeds_i2i(catalog):
+    """The graph x history-seeding grid is scored on validation recall and its best row is the config returned:
+    here only the user's older item (i0) leads to their future item (i1), so seeding from one recent item misses."""
+    from pipeline_tasks.online.candidates import ItemGraph
+    from pipeline_tasks.online.two_stage import Fit, Moment
+    from pipeline_tasks.ranking.fits import choose_graph
+
+    rows = [("u2", "i0", 1), ("u2", "i1", 2), ("u3", "i4", 3), ("u3", "i7", 4), ("t", "i0", 1), ("t", "i4", 8)]
+    hist = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                         "timestamp": [_ts(r[2]) for r in rows], "event_type": "view"})
+    ids = catalog["item_id"].tolist()
+    base = CandidateConfig(pool_size=2, recent_items=1)
+    probe = Fit(None, ItemGraph(ids, None, None), base)
+    chosen, graph, table = choose_graph(probe, Moment(AT, hist, catalog), {"t": {"i1"}}, base, None,
+                                        grid=[{"graph": "cosine"}], history_grid=[{}, {"recent_items": 1000}])
+    assert [(row["recent_items"], row["i2i_recall"]) for row in table] == [(1, 0.0), (1000, 1.0)]
+    assert chosen.recent_items == 1000 and chosen.graph == "cosine" and graph.item_ids == ids
