@@ -8,7 +8,15 @@ import pandas as pd
 
 def utc_ns(values: pd.Series) -> np.ndarray:
     """UTC timestamps (naive = UTC) as int64 nanoseconds."""
+    if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
+        return np.asarray(values.array.as_unit("ns").asi8)  # epoch ns are UTC whatever the zone; no parsing
     return pd.to_datetime(values, utc=True).dt.as_unit("ns").astype(np.int64).to_numpy()
+
+
+def moment_ns(at: pd.Timestamp | str) -> int:
+    """One moment (naive = UTC) as int64 UTC nanoseconds."""
+    ts = pd.Timestamp(at)
+    return int((ts.tz_convert("UTC") if ts.tzinfo is not None else ts).as_unit("ns").value)
 
 
 def last_of(keys: np.ndarray) -> np.ndarray:

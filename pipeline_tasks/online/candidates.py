@@ -44,7 +44,7 @@ import scipy.sparse as sp
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.core.errors import InvalidParamsError
 from pipeline_tasks.core.params import known_params
-from pipeline_tasks.online.arrays import count_after, count_before, last_of, utc_ns
+from pipeline_tasks.online.arrays import count_after, count_before, last_of, moment_ns, utc_ns
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class UserHistory:
         uids = [str(u) for u in user_ids]
         index = item_ids if isinstance(item_ids, pd.Index) else pd.Index([str(i) for i in item_ids])
         shape = (len(uids), len(index))
-        at_ns = utc_ns(pd.Series([at]))[0]
+        at_ns = moment_ns(at)
         stamps = utc_ns(history[TIMESTAMP]) if len(history) else np.zeros(0, np.int64)
         before = stamps < at_ns
         rows = pd.Index(uids).get_indexer(history[USER_ID].to_numpy()[before].astype(str))
@@ -284,8 +284,10 @@ class UserHistory:
         recent = sp.csr_matrix((weight, (u[keep], i[keep])), shape=shape)
         region: list[str | None] = [None] * len(uids)
         if users is not None and "location" in users:
-            loc = users.assign(**{USER_ID: users[USER_ID].astype(str)}).drop_duplicates(USER_ID).set_index(USER_ID)
-            region = [v if isinstance(v, str) and v else None for v in loc["location"].reindex(uids)]
+            where: dict[str, Any] = {}
+            for user, value in zip(users[USER_ID].astype(str).to_numpy(), users["location"].to_numpy(), strict=True):
+                where.setdefault(user, value)  # a user's first row
+            region = [v if isinstance(v := where.get(u), str) and v else None for u in uids]
         if "location" in history and len(kept):
             located = history["location"].to_numpy()[kept]
             has = pd.notna(located)
@@ -306,6 +308,48 @@ def item_counts(history: pd.DataFrame, item_ids: Sequence[str], at: pd.Timestamp
     pairs = h[[USER_ID, ITEM_ID]].astype(str).drop_duplicates()
     idx = pd.Index([str(i) for i in item_ids]).get_indexer(pairs[ITEM_ID])
     return np.bincount(idx[idx >= 0], minlength=len(item_ids)).astype(np.float32)
+
+
+# A context's own trending list (cold start) needs this many distinct users in the window; else the global list.
+CONTEXT_MIN_USERS = 20
+CONTEXT_COLUMNS = ("location", "device")  # the request context a cold user's trending list follows, in order
+
+
+def context_trending(history: pd.DataFrame, item_ids: Sequence[str], at: pd.Timestamp, days: float,
+                     min_users: int = CONTEXT_MIN_USERS) -> dict[tuple[str, str], np.ndarray]:
+    """Trending counts per request context: ``(column, value) -> distinct users per catalog item`` over the last
+    ``days`` before ``at``, for each value of :data:`CONTEXT_COLUMNS` seen in at least ``min_users`` users' events."""
+    h = history[(history[TIMESTAMP] < at) & (history[TIMESTAMP] >= at - pd.Timedelta(days=days))]
+    index = pd.Index([str(i) for i in item_ids])
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for column in CONTEXT_COLUMNS:
+        if column not in h or not len(h):
+            continue
+        pairs = h[[column, USER_ID, ITEM_ID]].dropna(subset=[column]).astype(str).drop_duplicates()
+        users = pairs.groupby(column)[USER_ID].nunique()
+        for value in users[users >= min_users].index:
+            part = pairs[pairs[column] == value]
+            idx = index.get_indexer(part[ITEM_ID])
+            out[(column, str(value))] = np.bincount(idx[idx >= 0], minlength=len(index)).astype(np.float32)
+    return out
+
+
+def trending_rows(global_counts: np.ndarray, by_context: Mapping[tuple[str, str], np.ndarray],
+                  cold: np.ndarray, contexts: Sequence[Mapping[str, str | None]]) -> np.ndarray:
+    """The trending counts each user row of a block ranks by: a cold user's (``cold[row]``) follows its request
+    context (the first of :data:`CONTEXT_COLUMNS` with its own list), everyone else the global counts.
+    Returns ``global_counts`` itself when no row differs, else a ``(rows, items)`` matrix."""
+    out: np.ndarray | None = None
+    for row in np.flatnonzero(cold):
+        for column in CONTEXT_COLUMNS:
+            value = contexts[row].get(column)
+            counts = by_context.get((column, str(value))) if value else None
+            if counts is not None:
+                if out is None:
+                    out = np.repeat(np.asarray(global_counts, np.float32)[None, :], len(contexts), axis=0)
+                out[row] = counts
+                break
+    return global_counts if out is None else out
 
 
 def top_k(scores: np.ndarray, allowed: np.ndarray, k: int, positive_only: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -343,7 +387,8 @@ class SourceLists:
 def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | None, history: UserHistory,
                  rows: slice, graph: ItemGraph, catalog: ItemTable, trending: np.ndarray, popularity: np.ndarray,
                  config: CandidateConfig, k: int | None = None) -> SourceLists:
-    """Every source's top-k (default ``pool_size``) for the users ``history.user_ids[rows]``."""
+    """Every source's top-k (default ``pool_size``) for the users ``history.user_ids[rows]``; ``trending`` is one
+    row of counts for every user or one row per user of ``rows`` (:func:`trending_rows`)."""
     k = k or config.pool_size
     seen = history.seen[rows]
     allowed = catalog.allowed_for(history.region[rows]) & (seen.toarray() == 0)
@@ -355,7 +400,7 @@ def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | Non
     if user_vectors is not None and item_vectors is not None:
         dense["two_tower"] = (np.asarray(user_vectors, np.float32) @ np.asarray(item_vectors, np.float32).T)
     n = allowed.shape[0]
-    dense["trending"] = np.broadcast_to(trending, (n, len(trending)))
+    dense["trending"] = np.broadcast_to(trending, (n, trending.shape[-1]))  # one row for all, or one per user
     dense["popularity"] = np.broadcast_to(popularity, (n, len(popularity)))
     lists = {}
     for source in SOURCES:

@@ -246,19 +246,18 @@ class Engine:
         pool = block.pool
         weights = self.state.fit.config.weights
         rrf_k = self.state.fit.config.rrf_k
-        mine = pool[pool[USER_ID] == user].set_index(ITEM_ID)
+        mine = np.flatnonzero(pool[USER_ID].to_numpy(dtype=object) == user)
+        # Each pool item's source: the one contributing most to its fused score (ties: the first in SOURCES).
+        contrib = np.stack([weights.get(s, 0.0) / (rrf_k + pool[f"{s}_rank"].to_numpy(dtype=float)[mine])
+                            for s in SOURCES], axis=1) if len(mine) else np.zeros((0, len(SOURCES)))
+        contrib = np.where(np.isnan(contrib), -np.inf, contrib)
+        best = [SOURCES[i] if np.isfinite(row[i]) else "pool"
+                for row, i in zip(contrib, contrib.argmax(axis=1), strict=True)]
+        source_of = dict(zip(pool[ITEM_ID].to_numpy(dtype=object)[mine], best, strict=True))
         category = self.state.category
         out = []
         for rank, (item, score) in enumerate(ranked, start=1):
-            if user in block.cold:
-                source = "trending"
-            elif item in mine.index:
-                row = mine.loc[item]
-                contrib = {s: weights.get(s, 0.0) / (rrf_k + row[f"{s}_rank"]) for s in SOURCES
-                           if pd.notna(row[f"{s}_rank"])}
-                source = max(contrib, key=contrib.get) if contrib else "pool"
-            else:
-                source = "popularity_fill"
+            source = "trending" if user in block.cold else source_of.get(item, "popularity_fill")
             out.append(Recommendation(item, float(score), rank, str(category.get(item, "unknown")), source))
         return out
 

@@ -140,20 +140,24 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
     user_keys = candidates[USER_ID].astype(str).to_numpy()
     item_keys = candidates[ITEM_ID].astype(str).to_numpy()
     if categories is not None and len(categories):
-        state = categories.assign(**{USER_ID: categories[USER_ID].astype(str),
-                                     "category": categories["category"].astype(str)})
-        pair = pd.MultiIndex.from_arrays([state[USER_ID], state["category"]])
-        pos = pair.get_indexer(pd.MultiIndex.from_arrays([user_keys, candidates["category"].astype(str).to_numpy()]))
-        totals = state.drop_duplicates(USER_ID).set_index(USER_ID)["user_history_events"]
+        state_users = categories[USER_ID].astype(str).to_numpy()
+        # (user, category) -> row of the state (pairs are unique); a user -> its first row (its total events).
+        state_pairs = zip(state_users, categories["category"].astype(str).to_numpy(), strict=True)
+        pair_row = {pair: row for row, pair in enumerate(state_pairs)}
+        user_row: dict[str, int] = {}
+        for row, user in enumerate(state_users):
+            user_row.setdefault(user, row)
+        cand_categories = candidates["category"].astype(str).to_numpy()
+        pos = np.fromiter((pair_row.get(key, -1) for key in zip(user_keys, cand_categories, strict=True)), np.int64, n)
         hit = pos >= 0
         for col in ("category_affinity", "days_since_category"):
             values = np.full(n, np.nan, np.float32)
-            values[hit] = state[col].to_numpy(dtype=np.float32)[pos[hit]]
+            values[hit] = categories[col].to_numpy(dtype=np.float32)[pos[hit]]
             out[col] = values
         out["category_affinity"] = np.nan_to_num(out["category_affinity"], nan=0.0)
-        user_pos = totals.index.get_indexer(user_keys)
+        user_pos = np.fromiter((user_row.get(u, -1) for u in user_keys), np.int64, n)
         events = np.full(n, np.nan, np.float32)
-        events[user_pos >= 0] = totals.to_numpy(dtype=np.float32)[user_pos[user_pos >= 0]]
+        events[user_pos >= 0] = categories["user_history_events"].to_numpy(dtype=np.float32)[user_pos[user_pos >= 0]]
         out["user_history_events"] = events
     else:
         for col in HISTORY_COLUMNS:
@@ -181,8 +185,12 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
     items = aligned(item_rows, ITEM_ID, item_keys, [*ITEM_NUMERIC, *CONTEXT_ITEM_COLUMNS])
     for cols, table in ((USER_NUMERIC, users), (ITEM_NUMERIC, items)):
         for col in cols:
-            out[col] = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float32) if col in table \
-                else np.full(n, np.nan, np.float32)
+            if col not in table:
+                out[col] = np.full(n, np.nan, np.float32)
+                continue
+            values = table[col].to_numpy()
+            out[col] = values.astype(np.float32) if values.dtype.kind in "biuf" else \
+                pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float32)
     wanted = [c for c in (REQUEST_TIMESTAMP, "device", "location") if c in requests]
     req_pos = pd.Index(requests[QUERY_ID]).get_indexer(query)
     req = requests[wanted].iloc[np.where(req_pos >= 0, req_pos, 0)].reset_index(drop=True)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
+from pipeline_tasks.online.arrays import utc_ns
 from pipeline_tasks.online.candidates import (
     BLOCK_CELLS,
     SOURCES,
@@ -30,10 +31,12 @@ from pipeline_tasks.online.candidates import (
     ItemGraph,
     ItemTable,
     UserHistory,
+    context_trending,
     fuse,
     item_counts,
     source_lists,
     top_k,
+    trending_rows,
 )
 from pipeline_tasks.online.ranking_features import (
     FEATURE_COLUMNS,
@@ -142,6 +145,7 @@ class Prepared:
     user_table: pd.DataFrame | None = None  # the moment's Feast user rows keyed by user id (keyed_rows)
     item_table: pd.DataFrame | None = None  # the same for items
     users_table: pd.DataFrame | None = None  # the contract users table keyed by user id (first row per id)
+    context_trending: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)  # cold start
 
     def history_of(self, user_ids: Sequence[str], fresh: pd.DataFrame | None = None) -> pd.DataFrame:
         """The history rows of these users in time order per user, then their rows of ``fresh`` (events that
@@ -190,7 +194,8 @@ def prepare(fit: Fit, moment: Moment) -> Prepared:
     return Prepared(fit, moment, catalog, hist, trending, popularity, item_vectors, category,
                     {str(u): np.asarray(r) for u, r in rows_of.items()},
                     keyed_rows(moment.user_rows, USER_ID), keyed_rows(moment.item_rows, ITEM_ID),
-                    keyed_rows(moment.users, USER_ID, keep="first"))  # the encoder and histories read the first
+                    keyed_rows(moment.users, USER_ID, keep="first"),  # the encoder and histories read the first
+                    context_trending(hist, fit.item_ids, moment.at, cfg.trending_days))
 
 
 def _rows_of(table: pd.DataFrame | None, user_ids: Sequence[str]) -> pd.DataFrame | None:
@@ -209,11 +214,19 @@ def _requests(moment: Moment, user_ids: Sequence[str], hist: pd.DataFrame) -> pd
         for col in ("device", "location"):
             req[col] = given[col].reindex(req[QUERY_ID]).to_numpy() if col in given else None
         return req
-    h = hist[hist[USER_ID].astype(str).isin(set(user_ids))]
-    latest = h.sort_values(TIMESTAMP, kind="stable").drop_duplicates(USER_ID, keep="last")
-    latest = latest.set_index(latest[USER_ID].astype(str))
+    users = hist[USER_ID].astype(str).to_numpy()
+    mine = np.flatnonzero(pd.Index(users, dtype=object).isin(list(user_ids)))
+    order = mine[np.argsort(utc_ns(hist[TIMESTAMP].iloc[mine]), kind="stable")]  # time order, ties as stored
+    latest = dict(zip(users[order], order.tolist(), strict=True))  # each user's last row in that order
+    rows = np.array([latest.get(u, -1) for u in req[QUERY_ID]], dtype=np.int64)
     for col in ("device", "location"):
-        req[col] = latest[col].reindex(req[QUERY_ID]).to_numpy() if col in latest else None
+        if col not in hist:
+            req[col] = None
+            continue
+        values = hist[col].to_numpy()[np.where(rows >= 0, rows, 0)] if len(hist) else np.full(len(rows), np.nan)
+        values = values.astype(np.float64 if values.dtype.kind in "biuf" else object)
+        values[rows < 0] = np.nan
+        req[col] = values
     return req
 
 
@@ -255,8 +268,15 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
         user_vectors = None
         if fit.model is not None:
             user_vectors = _user_vectors(fit, chunk, hist, _rows_of(state.user_table, chunk), users, vectors)
+        cold_rows = np.diff(history.seen.indptr) == 0
+        trending = state.trending
+        if cold_rows.any() and state.context_trending:  # a cold user gets the trending list of its context
+            context = _requests(moment, chunk, hist)
+            contexts = [{"location": region, "device": device} for region, device in zip(
+                history.region, context["device"] if "device" in context else [None] * len(chunk), strict=True)]
+            trending = trending_rows(state.trending, state.context_trending, cold_rows, contexts)
         lists = source_lists(user_vectors, state.item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
-                             state.trending, state.popularity, cfg)
+                             trending, state.popularity, cfg)
         pool = fuse(lists, cfg)
         pool.insert(0, QUERY_ID, np.asarray(chunk, dtype=object)[pool["row"].to_numpy()])
         pool.insert(1, USER_ID, pool[QUERY_ID])
@@ -270,7 +290,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
         elif "popularity" in lists.lists:
             idx = lists.lists["popularity"][0]
             fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
-        cold = {u for u, n in zip(chunk, np.diff(history.seen.indptr), strict=True) if n == 0}
+        cold = {u for u, is_cold in zip(chunk, cold_rows, strict=True) if is_cold}
         features = assemble_features(pool, state.user_table, state.item_table, _requests(moment, chunk, hist),
                                      category_state(hist, chunk, state.category, moment.at))
         yield Block(chunk, pool, features, fill, cold, lists.lists)

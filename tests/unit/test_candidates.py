@@ -151,3 +151,26 @@ def test_validation_chooses_how_history_seeds_i2i(catalog):
                                         grid=[{"graph": "cosine"}], history_grid=[{}, {"recent_items": 1000}])
     assert [(row["recent_items"], row["i2i_recall"]) for row in table] == [(1, 0.0), (1000, 1.0)]
     assert chosen.recent_items == 1000 and chosen.graph == "cosine" and graph.item_ids == ids
+
+
+def test_cold_users_get_the_trending_list_of_their_context():
+    """Trending per location / device among users active in the window (enough of them), and only cold rows follow
+    their context: the first context column with its own list, else the global counts."""
+    from pipeline_tasks.online.candidates import context_trending, trending_rows
+
+    rows = [(f"de{n}", "i0", "DE", "mobile") for n in range(3)] + [(f"us{n}", "i1", "US", "web") for n in range(2)]
+    rows += [("old", "i2", "DE", "mobile")]  # outside the 7-day window
+    hist = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                         "location": [r[2] for r in rows], "device": [r[3] for r in rows],
+                         "timestamp": [_ts(8)] * 5 + [_ts(1)]})
+    ids = ["i0", "i1", "i2"]
+    by_context = context_trending(hist, ids, AT, days=7, min_users=3)
+    assert set(by_context) == {("location", "DE"), ("device", "mobile")}  # US / web: too few users
+    assert by_context[("location", "DE")].tolist() == [3, 0, 0]
+    overall = np.array([3, 2, 0], np.float32)
+    cold = np.array([True, True, True, False])
+    contexts = [{"location": "DE", "device": "web"}, {"location": "US", "device": "mobile"},
+                {"location": None, "device": None}, {"location": "DE", "device": "mobile"}]
+    got = trending_rows(overall, by_context, cold, contexts)
+    assert got.tolist() == [[3, 0, 0], [3, 0, 0], [3, 2, 0], [3, 2, 0]]  # DE; mobile (no US list); global; warm
+    assert trending_rows(overall, by_context, np.zeros(4, bool), contexts) is overall  # nobody cold: no copy
