@@ -507,6 +507,17 @@ def recommend(
                            "output": str(out)}, indent=2))
 
 
+def _served_bundle(model: str | None, version: int | None, alias: str, data: str | None) -> tuple[Any, Path | None]:
+    """The registered bundle a service serves, and the contract DIR of ``--data`` (None: the bundle's data)."""
+    from pipeline_tasks.online.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(_model_name(data, model), version=version, alias=alias)
+    except LookupError as exc:
+        raise _fail(str(exc)) from None
+    return bundle, _abs(Path(data)) if data and not data.startswith(("movielens:", "synthetic")) else None
+
+
 def serving_snapshot(bundle: Any, as_of: str | None, data_dir: Path | None, rebuild: bool) -> Path:
     """The bundle's serving snapshot at ``as_of`` under ``$RECSYS_HOME/serving/``, written when missing."""
     from pipeline_tasks.bundle.recommend import snapshot_moment, write_snapshot
@@ -520,11 +531,25 @@ def serving_snapshot(bundle: Any, as_of: str | None, data_dir: Path | None, rebu
     return target
 
 
+SNAPSHOT_POINTER = "current.json"
+
+
+def point_snapshot(snapshot_dir: Path) -> Path:
+    """Make ``snapshot_dir`` the one its version's services serve: ``current.json`` beside it, replaced atomically
+    (a running service swaps to it within ``RECSYS_REFRESH_S``). Returns the pointer's path."""
+    pointer = snapshot_dir.parent / SNAPSHOT_POINTER
+    tmp = pointer.with_name(f".{SNAPSHOT_POINTER}.{os.getpid()}")
+    tmp.write_text(json.dumps({"snapshot": str(snapshot_dir)}))
+    os.replace(tmp, pointer)
+    return pointer
+
+
 def serve_env(bundle_dir: Path, snapshot_dir: Path, state: str, epsilon: float, shown_filter: bool,
               workers: int) -> dict[str, str]:
     """The environment ``serving.service`` reads (see its docstring)."""
     env = dict(os.environ)
     env.update(RECSYS_BUNDLE_DIR=str(bundle_dir), RECSYS_SNAPSHOT_DIR=str(snapshot_dir), RECSYS_STATE=state,
+               RECSYS_SNAPSHOT_POINTER=str(point_snapshot(snapshot_dir)),
                RECSYS_EPSILON=str(epsilon), RECSYS_FILTER_SHOWN="1" if shown_filter else "0",
                RECSYS_HOME=str(load_settings().home),
                BENTOML_CONFIG_OPTIONS=f"services.RecsysService.workers={workers}")
@@ -553,7 +578,6 @@ def serve(
                                                    help="rewrite the serving snapshot")] = False,
 ) -> None:
     """Serve a registered bundle over HTTP (BentoML): POST /recommend, POST /feedback, /readyz, /metrics."""
-    from pipeline_tasks.online.bundle import load_bundle
 
     _setup_logging(False)
     disable_telemetry()
@@ -563,18 +587,44 @@ def serve(
         raise _fail(f"--workers {workers}: use 1 with --state local (workers share state only through Redis)")
     if not 0.0 <= epsilon <= 1.0:
         raise _fail(f"--epsilon {epsilon}: use a probability in [0, 1]")
-    name = _model_name(data, model)
-    try:
-        bundle = load_bundle(name, version=model_version, alias=alias)
-    except LookupError as exc:
-        raise _fail(str(exc)) from None
-    data_dir = _abs(Path(data)) if data and not data.startswith(("movielens:", "synthetic")) else None
+    bundle, data_dir = _served_bundle(model, model_version, alias, data)
     snapshot = serving_snapshot(bundle, as_of, data_dir, rebuild_snapshot)
     env = serve_env(bundle.path, snapshot, state, epsilon, not no_shown_filter, workers)
     typer.echo(f"serving {bundle.name} version {bundle.version} on http://{host}:{port} (snapshot {snapshot})")
     bentoml = Path(sys.executable).with_name("bentoml")
     os.execve(str(bentoml), [str(bentoml), "serve", "serving.service:RecsysService", "--host", host,
                              "--port", str(port)], env)
+
+
+@app.command()
+def snapshot(
+    model: Annotated[str | None, typer.Option(help="registered model name (default: the one of --data, or the "
+                                                   "only one)")] = None,
+    model_version: Annotated[int | None, typer.Option(help="bundle version (default: the alias's)")] = None,
+    alias: Annotated[str, typer.Option(help="alias whose version to refresh when no --model-version is given")] =
+        "champion",
+    data: Annotated[str | None, typer.Option(
+        help="contract DIR for histories and servability (default: the bundle's accepted data)")] = None,
+    as_of: Annotated[str | None, typer.Option(help="the new snapshot's moment (default: now)")] = None,
+) -> None:
+    """Write a new serving snapshot (history, catalog, Feast rows at --as-of) and point the version's running
+    services at it: they load it in the background and swap it in within RECSYS_REFRESH_S (default 30 s)."""
+
+    _setup_logging(False)
+    disable_telemetry()
+    bundle, data_dir = _served_bundle(model, model_version, alias, data)
+    moment = as_of or _now_iso()
+    target = serving_snapshot(bundle, moment, data_dir, rebuild=True)
+    pointer = point_snapshot(target)
+    typer.echo(json.dumps({"model": bundle.name, "version": bundle.version, "snapshot": str(target),
+                           "as_of": moment, "pointer": str(pointer)}, indent=2))
+
+
+def _now_iso() -> str:
+    """Now (UTC) as ISO-8601, to the second."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
 models_app = typer.Typer(help="Registered bundle versions: list them, promote one to champion.",

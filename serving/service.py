@@ -6,6 +6,10 @@ runs ``bentoml serve serving.service:RecsysService``) or ``bentoml serve <bento 
 
 - ``RECSYS_BUNDLE_DIR``: the bundle directory (in a Bento: ``serving/bundle`` next to this file);
 - ``RECSYS_SNAPSHOT_DIR``: the serving snapshot (default ``<bundle>/snapshot``);
+- ``RECSYS_SNAPSHOT_POINTER``: a ``current.json`` naming the snapshot to serve (``recsys serve`` sets it; ``recsys
+  snapshot`` writes a new snapshot and moves it). Every ``RECSYS_REFRESH_S`` seconds (default 30) a background
+  thread reads it; a new snapshot is loaded beside the one in use and swapped in atomically (requests in flight
+  finish on the old one); a snapshot that fails to load is logged and counted, and the old one stays;
 - ``RECSYS_FEEDBACK_DIR``: the impressions / feedback log (default ``$RECSYS_HOME/feedback/<namespace>``);
 - ``RECSYS_STATE``: ``local`` (one worker, state in process; the embedded default) or ``redis``
   (``RECSYS_REDIS_URL``; any number of workers share embedding cache, fresh events and recently-shown lists);
@@ -46,6 +50,9 @@ cache_lookups = Counter("recsys_embedding_cache", "User-embedding cache lookups 
 fallbacks = Counter("recsys_fallbacks", "Answers given without a part of the path, by kind", ["kind"])
 freshness_lag = Gauge("recsys_freshness_lag_seconds", "Seconds from the serving snapshot's moment to now",
                       multiprocess_mode="max")
+snapshot_moment = Gauge("recsys_snapshot_moment_seconds", "The serving snapshot's moment (Unix seconds)",
+                        multiprocess_mode="max")
+refreshes = Counter("recsys_snapshot_refreshes", "Background snapshot swaps by outcome", ["outcome"])
 
 
 class Context(BaseModel):
@@ -96,6 +103,16 @@ class JsonBodyOnly:
         await self.app(scope, receive, send)
 
 
+def _pointed_snapshot() -> Path | None:
+    """The snapshot directory ``RECSYS_SNAPSHOT_POINTER`` names (None when unset or missing)."""
+    import json
+
+    pointer = os.environ.get("RECSYS_SNAPSHOT_POINTER")
+    if not pointer or not Path(pointer).exists():
+        return None
+    return Path(json.loads(Path(pointer).read_text())["snapshot"])
+
+
 def _flag(name: str, default: str) -> bool:
     return os.environ.get(name, default).strip().lower() not in ("0", "false", "no", "off", "")
 
@@ -127,7 +144,7 @@ class RecsysService:
 
             from pipeline_tasks.core.settings import load_settings
             from pipeline_tasks.online.bundle import open_bundle
-            from pipeline_tasks.online.engine import Engine, LocalState
+            from pipeline_tasks.online.engine import LocalState
             from pipeline_tasks.online.feedback_log import FeedbackLog
             from pipeline_tasks.online.snapshot import load_snapshot
             from pipeline_tasks.online.two_stage import load_fit, prepare
@@ -135,7 +152,8 @@ class RecsysService:
             torch.set_num_threads(1)  # one request at a time per worker: intra-op threads only add overhead
             started = time.perf_counter()
             bundle = open_bundle(_bundle_dir())
-            snapshot_dir = Path(os.environ.get("RECSYS_SNAPSHOT_DIR") or bundle.path / "snapshot")
+            snapshot_dir = _pointed_snapshot() or Path(os.environ.get("RECSYS_SNAPSHOT_DIR") or
+                                                       bundle.path / "snapshot")
             moment, info = load_snapshot(snapshot_dir)
             if not bundle.version:  # a registry download's bundle.json has no version: the snapshot names it
                 bundle.version, bundle.name = int(info.get("version") or 0), info.get("model") or bundle.name
@@ -151,9 +169,9 @@ class RecsysService:
                 store = LocalState()
             else:
                 raise ValueError(f"RECSYS_STATE={kind!r}: use 'local' or 'redis'")
-            self.engine = Engine(state, store, rules=_flag("RECSYS_RULES", "1"),
-                                 filter_shown=_flag("RECSYS_FILTER_SHOWN", "1"),
-                                 epsilon=float(os.environ.get("RECSYS_EPSILON", "0")))
+            self._fit, self._store, self.snapshot_dir = fit, store, snapshot_dir
+            self.engine = self._engine(state)
+            snapshot_moment.set(moment.at.timestamp())
             settings = load_settings()
             feedback_dir = os.environ.get("RECSYS_FEEDBACK_DIR") or \
                 settings.home / "feedback" / bundle.meta.get("namespace", "default")
@@ -166,6 +184,47 @@ class RecsysService:
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and every request
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("the service failed to load its bundle")
+            return
+        if os.environ.get("RECSYS_SNAPSHOT_POINTER"):
+            threading.Thread(target=self._watch, daemon=True, name="recsys-refresh").start()
+
+    def _engine(self, state: Any) -> Any:
+        from pipeline_tasks.online.engine import Engine
+
+        return Engine(state, self._store, rules=_flag("RECSYS_RULES", "1"),
+                      filter_shown=_flag("RECSYS_FILTER_SHOWN", "1"),
+                      epsilon=float(os.environ.get("RECSYS_EPSILON", "0")))
+
+    def _watch(self) -> None:
+        """Swap in the snapshot the pointer names whenever it changes (see the module docstring)."""
+        every = float(os.environ.get("RECSYS_REFRESH_S", "30"))
+        while True:
+            time.sleep(every)
+            try:
+                target = _pointed_snapshot()
+                if target is None or target == self.snapshot_dir:
+                    continue
+                self.refresh(target)
+            except Exception:  # noqa: BLE001 - the old snapshot keeps serving; the log says why
+                refreshes.labels(outcome="failed").inc()
+                log.exception("snapshot refresh failed; still serving %s", self.snapshot_dir)
+
+    def refresh(self, snapshot_dir: Path) -> None:
+        """Load ``snapshot_dir`` beside the snapshot in use, then swap it in (one reference assignment)."""
+        from pipeline_tasks.online.snapshot import load_snapshot
+        from pipeline_tasks.online.two_stage import prepare
+
+        started = time.perf_counter()
+        moment, info = load_snapshot(snapshot_dir)
+        if int(info.get("version") or self.bundle.version) != self.bundle.version:
+            raise ValueError(f"snapshot {snapshot_dir} is of version {info.get('version')}, this service serves "
+                             f"version {self.bundle.version}")
+        engine = self._engine(prepare(self._fit, moment))
+        self.engine, self.snapshot_dir = engine, snapshot_dir
+        snapshot_moment.set(moment.at.timestamp())
+        refreshes.labels(outcome="swapped").inc()
+        log.info("refreshed: snapshot %s at %s swapped in after %.1f s of loading", snapshot_dir,
+                 moment.at.isoformat(), time.perf_counter() - started)
 
     def __is_ready__(self) -> bool:
         return self.engine is not None
@@ -187,10 +246,11 @@ class RecsysService:
         unavailable = self._not_ready("recommend")
         if unavailable is not None:
             return unavailable  # type: ignore[return-value]  # a Response passes through BentoML as is
+        engine = self.engine  # one snapshot for the whole request, even if a refresh swaps it meanwhile
         try:
             request_id = uuid.uuid4().hex
-            answer = self.engine.recommend(user_id, num_items, context.model_dump() if context else None,
-                                           exclude or (), request_id=request_id)
+            answer = engine.recommend(user_id, num_items, context.model_dump() if context else None,
+                                      exclude or (), request_id=request_id)
             t = time.perf_counter()
             self.log.append("impressions", [
                 {"request_id": request_id, "user_id": user_id, "item_id": r.item_id, "position": r.rank,
@@ -209,7 +269,7 @@ class RecsysService:
         if answer.cold:
             fallbacks.labels(kind="cold_start").inc()
         cache_lookups.labels(result="hit" if answer.cache_hit else "miss").inc()
-        freshness_lag.set(time.time() - self.engine.at.timestamp())
+        freshness_lag.set(time.time() - engine.at.timestamp())
         requests_total.labels(endpoint="recommend", outcome="ok").inc()
         return RecommendResponse(request_id=request_id, user_id=user_id, model_version=self.bundle.version,
                                  latency_ms=round(total * 1000, 3),

@@ -119,7 +119,8 @@ def served(ml100k_run, tmp_path_factory):
 
     home = Path(os.environ["RECSYS_HOME"])
     feedback_dir = tmp_path_factory.mktemp("feedback")
-    env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "RECSYS_FEEDBACK_DIR": str(feedback_dir)}
+    env = {**os.environ, "BENTOML_HOME": str(home / "bentoml"), "RECSYS_FEEDBACK_DIR": str(feedback_dir),
+           "RECSYS_REFRESH_S": "1"}
     port = _free_port()
     service = Service([sys.executable, "-m", "pipeline_tasks.cli", "serve", "--model", registered["model"],
                        "--model-version", str(registered["version"]), "--data", str(data), "--port", str(port),
@@ -256,6 +257,44 @@ def test_openapi_fuzz_gives_no_5xx(served, tmp_path):
                           "--include-path-regex", "^/(recommend|feedback)$", "--seed", "7"],
                          capture_output=True, text=True, check=False, timeout=300)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
+
+
+def _metric(client: httpx.Client, name: str) -> float | None:
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(name + " ")]
+    return float(lines[0].split()[-1]) if lines else None
+
+
+def test_snapshot_refresh_swaps_in_the_background(served, tmp_path):
+    """`recsys snapshot` writes a later snapshot of a contract dir with new events; the running service loads it
+    in the background, swaps it in without a failed request, and the new events count as the user's history."""
+    client, inter, meta = served["client"], served["inter"], served["meta"]
+    user = sorted(inter["user_id"].astype(str).unique())[50]
+    before = [i["item_id"] for i in _post(client, "/recommend", {"user_id": user, "num_items": 20}).json()["items"]]
+    # The user met the first five of them after the bundle's data ended.
+    as_of = pd.Timestamp(meta["as_of"])
+    template = inter[inter["user_id"].astype(str) == user].iloc[[0] * 5].copy()
+    template["item_id"] = pd.Series(before[:5], index=template.index).astype(inter["item_id"].dtype)
+    template["timestamp"] = as_of + pd.Timedelta(hours=1)
+    data = tmp_path / "later"
+    shutil.copytree(served["data"], data)
+    pd.concat([inter, template], ignore_index=True).to_parquet(data / "interactions.parquet", index=False)
+    moment = as_of + pd.Timedelta(hours=2)
+    assert _metric(client, "recsys_snapshot_moment_seconds") == as_of.timestamp()
+    registered = served["registered"]
+    res = subprocess.run([sys.executable, "-m", "pipeline_tasks.cli", "snapshot", "--model", registered["model"],
+                          "--model-version", str(registered["version"]), "--data", str(data), "--as-of",
+                          moment.isoformat()], env=served["env"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    started, failed = time.monotonic(), 0
+    while _metric(client, "recsys_snapshot_moment_seconds") != moment.timestamp():
+        failed += _post(client, "/recommend", {"user_id": user, "num_items": 20}).status_code != 200
+        assert time.monotonic() - started < 120, served["service"].log_path.read_text()[-3000:]
+        time.sleep(0.2)
+    print(f"snapshot swapped in (at most {time.monotonic() - started:.1f} s after `recsys snapshot` returned)")
+    assert failed == 0
+    after = [i["item_id"] for i in _post(client, "/recommend", {"user_id": user, "num_items": 20}).json()["items"]]
+    assert not set(after) & set(before[:5])  # now in the user's history: seen, never recommended
+    assert "refreshed: snapshot" in served["service"].log_path.read_text()
 
 
 def test_feedback_log_survives_kill_9(served):
