@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,7 +98,7 @@ def recommend(bundle: Bundle, user_ids: Sequence[str], k: int, as_of: pd.Timesta
     ids = [str(u) for u in user_ids]
     loaded, moment = load_moment(bundle, as_of, ids, data_dir, fit, settings)
     order = RULES_ORDER if rules else "ranker"
-    lists = ranked_lists(loaded, moment, ids, k, orders=[order])[order]
+    lists = ranked_lists(loaded, moment, ids, k, orders=[order], workers=min(2, os.cpu_count() or 1))[order]
     rows = [(u, item, rank, score) for u, recs in lists.items() for rank, (item, score) in enumerate(recs, start=1)]
     out = pd.DataFrame(rows, columns=[USER_ID, ITEM_ID, "rank", "score"])
     log.info("recommended %d items to %d users with %s version %d (%s fit) in %.1f s", len(out), len(lists),

@@ -410,6 +410,11 @@ def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | Non
     return SourceLists(lists, dense)
 
 
+def block_rows(block: SourceLists) -> int:
+    """How many user rows a block's lists have."""
+    return next(iter(block.dense.values())).shape[0]
+
+
 def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
     """The pool: per user (block row) the ``rank_size`` best items by weighted reciprocal rank fusion.
 
@@ -424,7 +429,9 @@ def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
         parts[source] = (r.astype(np.int64) * n_items + idx[r, c], c + 1)
     if not keys:
         return pd.DataFrame(columns=["row", "item", "fused_score", "pool_rank", "n_sources"])
-    pool = np.unique(np.concatenate(keys))
+    marked = np.zeros(int(block_rows(block)) * n_items, dtype=bool)  # a mask over the block's cells: sorted, unique
+    marked[np.concatenate(keys)] = True
+    pool = np.flatnonzero(marked)
     fused = np.zeros(len(pool), np.float64)
     n_sources = np.zeros(len(pool), np.int16)
     out: dict[str, np.ndarray] = {"row": pool // n_items, "item": pool % n_items}
@@ -439,11 +446,12 @@ def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
         out[f"{source}_rank"] = rank
     out["fused_score"], out["n_sources"] = fused, n_sources
     # Per row, best fused score first, ties by catalog index: a lexsort (last key first), then each row's ranks.
-    order = np.lexsort((out["item"], -fused, out["row"]))
+    # The pool is in (row, item) order already, so a stable sort on (row, -fused) keeps items ascending on ties.
+    order = np.lexsort((-fused, out["row"]))
     pool_rank = count_before(out["row"][order]) + 1
     keep = pool_rank <= config.ranked
     taken = order[keep]
-    frame = pd.DataFrame({name: values[taken] for name, values in out.items()})
+    frame = pd.DataFrame({name: values[taken] for name, values in out.items()}, copy=False)
     frame["pool_rank"] = pool_rank[keep]
     rows, items = frame["row"].to_numpy(), frame["item"].to_numpy()
     for source in SOURCES:  # every source's score for every candidate (a cross feature), NaN without it

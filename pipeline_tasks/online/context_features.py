@@ -55,7 +55,7 @@ def _column(df: pd.DataFrame, name: str, n: int) -> pd.Series:
     """``df[name]`` by position (RangeIndex), or an all-null column when ``df`` lacks it."""
     if name in df.columns:
         return df[name].reset_index(drop=True)
-    return pd.Series([None] * n, dtype=object)
+    return pd.Series(np.full(n, None, dtype=object))
 
 
 def _by_unique(values: pd.Series, fn: Any) -> pd.Series:
@@ -92,6 +92,13 @@ def _strings(values: pd.Series, fn: Any) -> np.ndarray:
     """Each value as a string passed through ``fn`` (None for nulls), computed once per distinct value."""
     codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
     mapped = np.array([fn(str(v)) for v in uniques] + [None], dtype=object)
+    return mapped[np.where(codes >= 0, codes, len(uniques))]
+
+
+def _per_value(values: np.ndarray, fn: Any) -> np.ndarray:
+    """``fn`` of each value (None for nulls), computed once per distinct value."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)
+    mapped = np.array([fn(v) for v in uniques] + [fn(None)], dtype=object)
     return mapped[np.where(codes >= 0, codes, len(uniques))]
 
 
@@ -144,11 +151,10 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
     out["device_other"] = (~known_device).astype(float)
 
     location = _strings(_column(requests, "location", n), lambda v: v.strip())
-    out["location_known"] = np.array([v is not None and len(v) > 0 for v in location], dtype=float) if n else \
-        np.zeros(0)
+    out["location_known"] = _per_value(location, lambda v: v is not None and len(v) > 0).astype(float)
 
     category = _strings(_column(item_rows, "item_category", n), lambda v: v)
-    has_category = np.array([v is not None for v in category], dtype=bool) if n else np.zeros(0, bool)
+    has_category = _per_value(category, lambda v: v is not None).astype(bool)
     share = np.zeros(n, dtype=float)
     for k in range(1, TOP_CATEGORIES + 1):
         top = _strings(_column(user_rows, f"user_top{k}_category", n), lambda v: v)
@@ -162,4 +168,4 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
     out["user_days_since_last_event_at_request"] = _age_at_request(
         _column(user_rows, "user_days_since_last_event", n), _column(user_rows, "event_timestamp", n), ts)
     return pd.DataFrame({c: np.asarray(out[c], dtype="float64") for c in CONTEXT_FEATURE_COLUMNS},
-                        index=requests.index)
+                        index=requests.index, copy=False)

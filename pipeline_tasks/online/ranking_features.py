@@ -141,21 +141,23 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
     item_keys = candidates[ITEM_ID].astype(str).to_numpy()
     if categories is not None and len(categories):
         state_users = categories[USER_ID].astype(str).to_numpy()
-        # (user, category) -> row of the state (pairs are unique); a user -> its first row (its total events).
-        state_pairs = zip(state_users, categories["category"].astype(str).to_numpy(), strict=True)
-        pair_row = {pair: row for row, pair in enumerate(state_pairs)}
-        user_row: dict[str, int] = {}
-        for row, user in enumerate(state_users):
-            user_row.setdefault(user, row)
-        cand_categories = candidates["category"].astype(str).to_numpy()
-        pos = np.fromiter((pair_row.get(key, -1) for key in zip(user_keys, cand_categories, strict=True)), np.int64, n)
+        m = len(state_users)
+        # (user, category) pairs as integer keys over the state's and the candidates' values together.
+        u_codes, _ = pd.factorize(np.concatenate([state_users, user_keys]))
+        c_codes, c_uniques = pd.factorize(np.concatenate([categories["category"].astype(str).to_numpy(),
+                                                          candidates["category"].astype(str).to_numpy()]))
+        keys = u_codes.astype(np.int64) * max(len(c_uniques), 1) + c_codes
+        pos = pd.Index(keys[:m]).get_indexer(keys[m:])  # the state's pairs are unique
         hit = pos >= 0
         for col in ("category_affinity", "days_since_category"):
             values = np.full(n, np.nan, np.float32)
             values[hit] = categories[col].to_numpy(dtype=np.float32)[pos[hit]]
             out[col] = values
         out["category_affinity"] = np.nan_to_num(out["category_affinity"], nan=0.0)
-        user_pos = np.fromiter((user_row.get(u, -1) for u in user_keys), np.int64, n)
+        first_row = np.full(int(u_codes.max()) + 1 if len(u_codes) else 0, -1, dtype=np.int64)
+        users_in_state, first = np.unique(u_codes[:m], return_index=True)  # a user's first row: its total
+        first_row[users_in_state] = first
+        user_pos = first_row[u_codes[m:]]
         events = np.full(n, np.nan, np.float32)
         events[user_pos >= 0] = categories["user_history_events"].to_numpy(dtype=np.float32)[user_pos[user_pos >= 0]]
         out["user_history_events"] = events
@@ -179,7 +181,7 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
                 values = values.astype(np.float64 if values.dtype.kind in "biuf" else object)
                 values[~hit] = np.nan
             data[col] = values
-        return pd.DataFrame(data, index=range(n))
+        return pd.DataFrame(data, index=range(n), copy=False)  # no consolidation: columns are fresh arrays
 
     users = aligned(user_rows, USER_ID, user_keys, [*USER_NUMERIC, *CONTEXT_USER_COLUMNS])
     items = aligned(item_rows, ITEM_ID, item_keys, [*ITEM_NUMERIC, *CONTEXT_ITEM_COLUMNS])
@@ -200,7 +202,11 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
     context = context_features(req, users, items)
     for col in CONTEXT_FEATURE_COLUMNS:
         out[col] = context[col].to_numpy(dtype=np.float32)
-    return pd.DataFrame({col: out[col] for col in FEATURE_COLUMNS}, index=candidates.index, dtype=np.float32)
+    # One float32 block, column-major so each column is written contiguously (pandas keeps it as is).
+    matrix = np.empty((n, len(FEATURE_COLUMNS)), dtype=np.float32, order="F")
+    for j, col in enumerate(FEATURE_COLUMNS):
+        matrix[:, j] = out[col]
+    return pd.DataFrame(matrix, columns=FEATURE_COLUMNS, index=candidates.index, copy=False)
 
 
 def prior_scores(fused_score: np.ndarray, query: np.ndarray, weight: float) -> np.ndarray:

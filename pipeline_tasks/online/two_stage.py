@@ -230,6 +230,12 @@ def _requests(moment: Moment, user_ids: Sequence[str], hist: pd.DataFrame) -> pd
     return req
 
 
+def block_size(fit: Fit) -> int:
+    """Users per block: bounded by the dense users x items score matrices and by the pool rows a block assembles
+    features for (memory stays flat however many users a call asks for)."""
+    return max(1, min(BLOCK_CELLS // max(len(fit.item_ids), 1), POOL_ROWS_PER_BLOCK // fit.config.ranked))
+
+
 def candidate_blocks(fit: Fit, moment: Moment, user_ids: Sequence[str], fill_k: int = 0,
                      block_users: int | None = None, prepared: Prepared | None = None) -> Iterator[Block]:
     """The pool and feature rows of each block of ``user_ids`` at ``moment`` (one query per user)."""
@@ -252,9 +258,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
     if requests is not None:
         moment = dataclasses.replace(moment, requests=requests)
     cfg = fit.config
-    # Users per block: bounded by the dense users x items score matrices and by the pool rows a block
-    # assembles features for (memory stays flat however many users a call asks for).
-    step = block_users or max(1, min(BLOCK_CELLS // max(len(fit.item_ids), 1), POOL_ROWS_PER_BLOCK // cfg.ranked))
+    step = block_users or block_size(fit)
     for start in range(0, len(ids), step):
         chunk = ids[start:start + step]
         hist = state.history_of(chunk, fresh)
@@ -374,22 +378,46 @@ RULES_ORDER = "ranker+rules"
 
 
 def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int, orders: Sequence[str] = ("ranker",),
-                 prepared: Prepared | None = None) -> dict[str, dict[str, list[tuple[str, float]]]]:
+                 prepared: Prepared | None = None, workers: int = 1,
+                 ) -> dict[str, dict[str, list[tuple[str, float]]]]:
     """Each order's top ``k`` per user at ``moment``: ``ranker``, ``ranker+rules``, ``pool`` or a source name
-    (that source's own list, before fusion), all from the same blocks."""
-    out: dict[str, dict[str, list[tuple[str, float]]]] = {o: {} for o in orders}
+    (that source's own list, before fusion), all from the same blocks.
+
+    With ``workers`` > 1, that many blocks are built and ranked at once in threads over the shared state (the
+    numeric work releases the GIL); the lists and their order are the same as with one.
+    """
+    state = prepared if prepared is not None else prepare(fit, moment)
     ages = item_age_days(moment.items, moment.at)
-    for block in candidate_blocks(fit, moment, user_ids, fill_k=k, prepared=prepared):
+    ids = [str(u) for u in user_ids]
+    step = block_size(fit)
+
+    def one_block(chunk: list[str]) -> dict[str, dict[str, list[tuple[str, float]]]]:
+        part: dict[str, dict[str, list[tuple[str, float]]]] = {o: {} for o in orders}
+        for block in user_blocks(state, chunk, fill_k=k, block_users=step):
+            for order in orders:
+                if order in SOURCES:
+                    idx, scores = block.source_lists.get(order, (np.full((len(block.user_ids), 0), -1), None))
+                    for row, user in enumerate(block.user_ids):
+                        ok = idx[row] >= 0
+                        items = [fit.item_ids[i] for i in idx[row][ok]][:k]
+                        part[order][user] = list(zip(items, np.asarray(scores[row][ok], float).tolist(),
+                                                     strict=True)) if scores is not None else []
+                    continue
+                rules = order == RULES_ORDER
+                part[order].update(rank_block(fit, block, k, rules=rules, order="ranker" if rules else order,
+                                              age_days=ages))
+        return part
+
+    chunks = [ids[start:start + step] for start in range(0, len(ids), step)]
+    out: dict[str, dict[str, list[tuple[str, float]]]] = {o: {} for o in orders}
+    if workers > 1 and len(chunks) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recsys-block") as pool:
+            parts = list(pool.map(one_block, chunks))  # in block order
+    else:
+        parts = [one_block(chunk) for chunk in chunks]
+    for part in parts:
         for order in orders:
-            if order in SOURCES:
-                idx, scores = block.source_lists.get(order, (np.full((len(block.user_ids), 0), -1), None))
-                for row, user in enumerate(block.user_ids):
-                    ok = idx[row] >= 0
-                    items = [fit.item_ids[i] for i in idx[row][ok]][:k]
-                    out[order][user] = list(zip(items, np.asarray(scores[row][ok], float).tolist(), strict=True)) \
-                        if scores is not None else []
-                continue
-            rules = order == RULES_ORDER
-            out[order].update(rank_block(fit, block, k, rules=rules, order="ranker" if rules else order,
-                                         age_days=ages))
+            out[order].update(part[order])
     return out
