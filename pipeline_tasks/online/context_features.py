@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline_tasks.online.arrays import utc_ns
+
 REQUEST_TIMESTAMP = "request_timestamp"
 DEVICES = ("mobile", "desktop", "tablet")  # anything else is "other"
 TOP_CATEGORIES = 3
@@ -81,7 +83,7 @@ _DAY_NS = 86_400 * 10**9
 def _ns_of(values: pd.Series) -> np.ndarray:
     """UTC timestamps as int64 nanoseconds (naive = UTC; unparseable or null: the NaT sentinel)."""
     if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
-        return np.asarray(values.array.as_unit("ns").asi8)  # already timestamps: epoch ns are UTC (NaT: the sentinel)
+        return utc_ns(values)  # already timestamps (NaT: the sentinel)
     stamps = _utc(values)
     if not isinstance(stamps.dtype, pd.DatetimeTZDtype):  # all null: an object column of NaT
         return np.full(len(values), _NAT, dtype=np.int64)

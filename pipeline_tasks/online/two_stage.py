@@ -274,8 +274,8 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
             user_vectors = _user_vectors(fit, chunk, hist, _rows_of(state.user_table, chunk), users, vectors)
         cold_rows = np.diff(history.seen.indptr) == 0
         trending = state.trending
+        context = _requests(moment, chunk, hist)  # each user's request: time, device, location
         if cold_rows.any() and state.context_trending:  # a cold user gets the trending list of its context
-            context = _requests(moment, chunk, hist)
             contexts = [{"location": region, "device": device} for region, device in zip(
                 history.region, context["device"] if "device" in context else [None] * len(chunk), strict=True)]
             trending = trending_rows(state.trending, state.context_trending, cold_rows, contexts)
@@ -295,7 +295,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
             idx = lists.lists["popularity"][0]
             fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
         cold = {u for u, is_cold in zip(chunk, cold_rows, strict=True) if is_cold}
-        features = assemble_features(pool, state.user_table, state.item_table, _requests(moment, chunk, hist),
+        features = assemble_features(pool, state.user_table, state.item_table, context,
                                      category_state(hist, chunk, state.category, moment.at))
         yield Block(chunk, pool, features, fill, cold, lists.lists)
 
