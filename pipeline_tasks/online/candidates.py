@@ -421,6 +421,11 @@ def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
     Columns: ``row`` (user row in the block), ``item`` (catalog index), ``{source}_score`` and
     ``{source}_rank`` (1-based; NaN where absent), ``fused_score``, ``pool_rank`` (1-based), ``n_sources``.
     """
+    return pd.DataFrame(fuse_arrays(block, config), copy=False)
+
+
+def fuse_arrays(block: SourceLists, config: CandidateConfig) -> dict[str, np.ndarray]:
+    """:func:`fuse`'s columns as arrays, in its column order (a request builds its frame once from them)."""
     n_items = next(iter(block.dense.values())).shape[1]
     keys, parts = [], {}
     for source, (idx, _) in block.lists.items():
@@ -428,7 +433,7 @@ def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
         keys.append(r.astype(np.int64) * n_items + idx[r, c])
         parts[source] = (r.astype(np.int64) * n_items + idx[r, c], c + 1)
     if not keys:
-        return pd.DataFrame(columns=["row", "item", "fused_score", "pool_rank", "n_sources"])
+        return {name: np.zeros(0) for name in ("row", "item", "fused_score", "pool_rank", "n_sources")}
     marked = np.zeros(int(block_rows(block)) * n_items, dtype=bool)  # a mask over the block's cells: sorted, unique
     marked[np.concatenate(keys)] = True
     pool = np.flatnonzero(marked)
@@ -451,10 +456,11 @@ def fuse(block: SourceLists, config: CandidateConfig) -> pd.DataFrame:
     pool_rank = count_before(out["row"][order]) + 1
     keep = pool_rank <= config.ranked
     taken = order[keep]
-    frame = pd.DataFrame({name: values[taken] for name, values in out.items()}, copy=False)
+    frame = {name: values[taken] for name, values in out.items()}
     frame["pool_rank"] = pool_rank[keep]
-    rows, items = frame["row"].to_numpy(), frame["item"].to_numpy()
+    rows, items = frame["row"], frame["item"]
     for source in SOURCES:  # every source's score for every candidate (a cross feature), NaN without it
         values = block.dense.get(source)
-        frame[f"{source}_score"] = values[rows, items].astype(np.float32) if values is not None else np.nan
+        frame[f"{source}_score"] = values[rows, items].astype(np.float32) if values is not None else \
+            np.full(len(rows), np.nan)
     return frame

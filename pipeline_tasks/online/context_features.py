@@ -27,6 +27,7 @@ the row is taken to be the daily snapshot valid at the request, i.e. the one who
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -53,46 +54,53 @@ CONTEXT_FEATURE_COLUMNS = [
 ]
 
 
-def _column(df: pd.DataFrame, name: str, n: int) -> pd.Series:
-    """``df[name]`` by position (RangeIndex), or an all-null column when ``df`` lacks it."""
-    if name in df.columns:
-        return df[name].reset_index(drop=True)
-    return pd.Series(np.full(n, None, dtype=object))
+Rows = pd.DataFrame | Mapping[str, np.ndarray]  # columns by name, aligned by position
 
 
-def _by_unique(values: pd.Series, fn: Any) -> pd.Series:
-    """``fn`` applied to the distinct values only, spread back to every row (a block of candidates repeats a few
-    request and user values many times); nulls are passed to ``fn`` as one null."""
-    codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
-    mapped = fn(pd.Series(np.append(uniques.astype(object), [None]), dtype=object))
-    return pd.Series(mapped.to_numpy()[np.where(codes >= 0, codes, len(uniques))], index=values.index,
-                     dtype=mapped.dtype)
+def column_array(values: pd.Series | np.ndarray) -> np.ndarray:
+    """A column as a numpy array; timezone-aware timestamps become naive UTC ``datetime64[ns]`` (pandas would give
+    an object array of Timestamps)."""
+    if isinstance(values, pd.Series):
+        if isinstance(values.dtype, pd.DatetimeTZDtype):
+            return utc_ns(values).view("datetime64[ns]")
+        return values.to_numpy()
+    return np.asarray(values)
 
 
-def _utc(values: pd.Series) -> pd.Series:
-    """Timestamps as UTC (naive = UTC); unparseable or null values become NaT."""
-    if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
-        return pd.to_datetime(values, utc=True, errors="coerce")
-    return _by_unique(values, lambda u: pd.to_datetime(u, utc=True, errors="coerce"))
+def _column(rows: pd.DataFrame | Mapping[str, np.ndarray], name: str, n: int) -> np.ndarray:
+    """``rows[name]`` as an array (by position), or an all-null column when ``rows`` lacks it."""
+    if name in rows:
+        return column_array(rows[name])
+    return np.full(n, None, dtype=object)
+
+
+def _all_null(values: np.ndarray) -> bool:
+    return values.dtype == object and bool(pd.isna(values).all())
 
 
 _NAT = np.iinfo(np.int64).min
 _DAY_NS = 86_400 * 10**9
 
 
-def _ns_of(values: pd.Series) -> np.ndarray:
-    """UTC timestamps as int64 nanoseconds (naive = UTC; unparseable or null: the NaT sentinel)."""
-    if isinstance(values.dtype, pd.DatetimeTZDtype) or pd.api.types.is_datetime64_dtype(values.dtype):
-        return utc_ns(values)  # already timestamps (NaT: the sentinel)
-    stamps = _utc(values)
-    if not isinstance(stamps.dtype, pd.DatetimeTZDtype):  # all null: an object column of NaT
+def _ns_of(values: np.ndarray) -> np.ndarray:
+    """UTC timestamps as int64 nanoseconds (naive = UTC; unparseable or null: the NaT sentinel); strings and
+    Timestamps are parsed once per distinct value."""
+    if values.dtype.kind == "M":
+        return values.astype("datetime64[ns]").view(np.int64)  # NaT is the sentinel already
+    if not len(values) or _all_null(values):
         return np.full(len(values), _NAT, dtype=np.int64)
-    return stamps.array.as_unit("ns").asi8
+    codes, uniques = pd.factorize(values.astype(object), use_na_sentinel=True)
+    stamps = pd.to_datetime(pd.Series(uniques, dtype=object), utc=True, errors="coerce")
+    ns = np.append(stamps.array.as_unit("ns").asi8 if isinstance(stamps.dtype, pd.DatetimeTZDtype)
+                   else np.full(len(uniques), _NAT, dtype=np.int64), [_NAT])
+    return ns[np.where(codes >= 0, codes, len(uniques))]
 
 
-def _strings(values: pd.Series, fn: Any) -> np.ndarray:
+def _strings(values: np.ndarray, fn: Any) -> np.ndarray:
     """Each value as a string passed through ``fn`` (None for nulls), computed once per distinct value."""
-    codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=True)
+    if _all_null(values):
+        return np.full(len(values), None, dtype=object)
+    codes, uniques = pd.factorize(values.astype(object), use_na_sentinel=True)
     mapped = np.array([fn(str(v)) for v in uniques] + [None], dtype=object)
     return mapped[np.where(codes >= 0, codes, len(uniques))]
 
@@ -104,14 +112,22 @@ def _per_value(values: np.ndarray, fn: Any) -> np.ndarray:
     return mapped[np.where(codes >= 0, codes, len(uniques))]
 
 
-def _age_at_request(age_days: pd.Series, row_ts: pd.Series, request_ns: np.ndarray) -> np.ndarray:
+def _numbers(values: np.ndarray) -> np.ndarray:
+    """Values as float64 (unparseable or null: NaN)."""
+    if values.dtype.kind in "biuf":
+        return values.astype(np.float64)
+    if _all_null(values):
+        return np.full(len(values), np.nan)
+    return np.asarray(pd.to_numeric(pd.Series(values, dtype=object), errors="coerce"), dtype=np.float64)
+
+
+def _age_at_request(age_days: np.ndarray, row_ts: np.ndarray, request_ns: np.ndarray) -> np.ndarray:
     """A day count of a snapshot row moved forward to the request time (clipped at 0)."""
     row_ns = _ns_of(row_ts)
     midnight = np.floor_divide(request_ns, _DAY_NS) * _DAY_NS
     row_ns = np.where(row_ns == _NAT, midnight, row_ns)
     elapsed = np.where(request_ns == _NAT, np.nan, (request_ns - row_ns) / 1e9) / SECONDS_PER_DAY
-    age = pd.to_numeric(age_days, errors="coerce").to_numpy(dtype=float)
-    return np.clip(age + elapsed, 0.0, None)
+    return np.clip(_numbers(age_days) + elapsed, 0.0, None)
 
 
 def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows: pd.DataFrame) -> pd.DataFrame:
@@ -133,6 +149,13 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
     if len(user_rows) != n or len(item_rows) != n:
         raise ValueError(f"context_features: requests, user_rows and item_rows must be aligned; got lengths "
                          f"{n}, {len(user_rows)}, {len(item_rows)}")
+    out = context_feature_arrays(requests, user_rows, item_rows, n)
+    return pd.DataFrame(out, index=requests.index, copy=False)
+
+
+def context_feature_arrays(requests: Rows, user_rows: Rows, item_rows: Rows, n: int) -> dict[str, np.ndarray]:
+    """:func:`context_features` as one float64 array per column, from frames or mappings of ``n``-long arrays
+    (what a request assembles without building frames)."""
     out: dict[str, np.ndarray] = {}
     ts = _ns_of(_column(requests, REQUEST_TIMESTAMP, n))
     missing_ts = ts == _NAT
@@ -161,13 +184,14 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
     for k in range(1, TOP_CATEGORIES + 1):
         top = _strings(_column(user_rows, f"user_top{k}_category", n), lambda v: v)
         match = (top == category) & has_category
-        value = pd.to_numeric(_column(user_rows, f"user_top{k}_share", n), errors="coerce").fillna(0.0)
-        share = np.where(match, value.to_numpy(dtype=float), share)
+        if not match.any():
+            continue
+        value = _numbers(_column(user_rows, f"user_top{k}_share", n))
+        share = np.where(match, np.where(np.isnan(value), 0.0, value), share)
     out["user_category_share"] = share
 
     out["item_age_days_at_request"] = _age_at_request(
         _column(item_rows, "item_age_days", n), _column(item_rows, "event_timestamp", n), ts)
     out["user_days_since_last_event_at_request"] = _age_at_request(
         _column(user_rows, "user_days_since_last_event", n), _column(user_rows, "event_timestamp", n), ts)
-    return pd.DataFrame({c: np.asarray(out[c], dtype="float64") for c in CONTEXT_FEATURE_COLUMNS},
-                        index=requests.index, copy=False)
+    return {c: np.asarray(out[c], dtype="float64") for c in CONTEXT_FEATURE_COLUMNS}

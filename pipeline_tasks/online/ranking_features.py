@@ -16,6 +16,7 @@ Columns are :data:`FEATURE_COLUMNS`, float32, in that order; missing values are 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,8 @@ from pipeline_tasks.online.context_features import (
     CONTEXT_ITEM_COLUMNS,
     CONTEXT_USER_COLUMNS,
     REQUEST_TIMESTAMP,
-    context_features,
+    column_array,
+    context_feature_arrays,
 )
 
 QUERY_ID = "query_id"
@@ -62,7 +64,10 @@ def category_state(history: pd.DataFrame, user_ids: Sequence[str], item_category
     if not len(h):
         return pd.DataFrame(columns=[USER_ID, "category", *HISTORY_COLUMNS])
     users = h[USER_ID].astype(str).to_numpy()
-    category = h[ITEM_ID].astype(str).map(item_category).fillna("unknown").to_numpy()
+    pos = item_category.index.get_indexer(h[ITEM_ID].astype(str).to_numpy())  # the catalog's ids are unique
+    category = item_category.to_numpy(dtype=object)[np.where(pos >= 0, pos, 0)] if len(item_category) else \
+        np.full(len(pos), None, dtype=object)
+    category = np.where((pos >= 0) & pd.notna(category), category, "unknown").astype(object)
     stamps = utc_ns(h[TIMESTAMP])
     # Groups (user, category) in order of first appearance, as a groupby with sort=False gives them.
     u_codes, u_uniques = pd.factorize(users)
@@ -109,6 +114,52 @@ def keyed_rows(rows: pd.DataFrame | None, key: str, keep: str = "last") -> pd.Da
     return table.set_index(table[key].rename(key)).rename_axis(key)
 
 
+def _missing_where(values: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """``values`` with the ``missing`` positions null: NaN (numbers, as float64), NaT (timestamps) or NaN in an
+    object array."""
+    if not missing.any():
+        return values
+    if values.dtype.kind == "M":
+        values = values.copy()
+        values[missing] = np.datetime64("NaT")
+        return values
+    values = values.astype(np.float64 if values.dtype.kind in "biuf" else object)
+    values[missing] = np.nan
+    return values
+
+
+@dataclass(frozen=True)
+class KeyedRows:
+    """Rows by string key as one array per column (:func:`column_array`): what a request aligns its candidates to
+    without touching a frame. A serving process builds it once per snapshot."""
+
+    index: pd.Index
+    columns: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, rows: pd.DataFrame | KeyedRows | None, key: str) -> KeyedRows | None:
+        """``rows`` keyed by ``key`` (:func:`keyed_rows`, the last row per key); None when there are none."""
+        if rows is None or isinstance(rows, KeyedRows):
+            return rows
+        table = keyed_rows(rows, key)
+        if table is None:
+            return None
+        return cls(pd.Index(table.index, dtype=object), {c: column_array(table[c]) for c in table.columns})
+
+    def aligned(self, keys: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
+        """``columns`` of each key's row (NaN where the key has none), taken by position."""
+        pos = self.index.get_indexer(keys)
+        hit = pos >= 0
+        take = np.where(hit, pos, 0)
+        out = {}
+        for col in columns:
+            source = self.columns.get(col)
+            if source is None:
+                continue
+            out[col] = _missing_where(source[take], ~hit)
+        return out
+
+
 def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, item_rows: pd.DataFrame | None,
                       requests: pd.DataFrame, categories: pd.DataFrame | None) -> pd.DataFrame:
     """Feature rows of ``candidates`` (one per row, same order and index).
@@ -117,7 +168,8 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
         candidates: ``query_id``, ``user_id``, ``item_id``, ``category`` (the item's) and the pool columns of
             :func:`pipeline_tasks.online.candidates.fuse` (``{source}_rank``, ``{source}_score``,
             ``fused_score``, ``pool_rank``, ``n_sources``).
-        user_rows: Feast user features valid at the request, one row per ``user_id`` (None: unknown).
+        user_rows: Feast user features valid at the request, one row per ``user_id`` (None: unknown), as a frame
+            or :class:`KeyedRows`.
         item_rows: Feast item features valid at the request, one row per ``item_id`` (None: unknown).
         requests: one row per ``query_id``: ``request_timestamp``, ``device``, ``location``.
         categories: :func:`category_state` of the queries' users at the request time.
@@ -165,43 +217,26 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
         for col in HISTORY_COLUMNS:
             out[col] = np.full(n, np.float32(0.0) if col != "days_since_category" else np.nan, np.float32)
 
-    def aligned(rows: pd.DataFrame | None, key: str, keys: np.ndarray, columns: list[str]) -> pd.DataFrame:
-        """``columns`` of each candidate's row (NaN where the key has none), taken by position."""
-        table = keyed_rows(rows, key)
-        if table is None:
-            return pd.DataFrame(index=range(n))
-        pos = table.index.get_indexer(keys)
-        hit = pos >= 0
-        data = {}
-        for col in columns:
-            if col not in table:
-                continue
-            values = table[col].to_numpy()[np.where(hit, pos, 0)]
-            if not hit.all():
-                values = values.astype(np.float64 if values.dtype.kind in "biuf" else object)
-                values[~hit] = np.nan
-            data[col] = values
-        return pd.DataFrame(data, index=range(n), copy=False)  # no consolidation: columns are fresh arrays
-
-    users = aligned(user_rows, USER_ID, user_keys, [*USER_NUMERIC, *CONTEXT_USER_COLUMNS])
-    items = aligned(item_rows, ITEM_ID, item_keys, [*ITEM_NUMERIC, *CONTEXT_ITEM_COLUMNS])
+    user_table, item_table = KeyedRows.of(user_rows, USER_ID), KeyedRows.of(item_rows, ITEM_ID)
+    users = user_table.aligned(user_keys, [*USER_NUMERIC, *CONTEXT_USER_COLUMNS]) if user_table else {}
+    items = item_table.aligned(item_keys, [*ITEM_NUMERIC, *CONTEXT_ITEM_COLUMNS]) if item_table else {}
     for cols, table in ((USER_NUMERIC, users), (ITEM_NUMERIC, items)):
         for col in cols:
-            if col not in table:
+            values = table.get(col)
+            if values is None:
                 out[col] = np.full(n, np.nan, np.float32)
                 continue
-            values = table[col].to_numpy()
             out[col] = values.astype(np.float32) if values.dtype.kind in "biuf" else \
-                pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=np.float32)
-    wanted = [c for c in (REQUEST_TIMESTAMP, "device", "location") if c in requests]
+                pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=np.float32)
     req_pos = pd.Index(requests[QUERY_ID]).get_indexer(query)
-    req = requests[wanted].iloc[np.where(req_pos >= 0, req_pos, 0)].reset_index(drop=True)
-    if (req_pos < 0).any():
-        req = req.mask(pd.Series(req_pos < 0), None)
+    found = req_pos >= 0
+    req: dict[str, np.ndarray] = {}
+    for col in (REQUEST_TIMESTAMP, "device", "location"):
+        if col not in requests:
+            continue
+        req[col] = _missing_where(column_array(requests[col])[np.where(found, req_pos, 0)], ~found)
     # Rows without their event_timestamp: each is the daily snapshot valid at the request (context_features).
-    context = context_features(req, users, items)
-    for col in CONTEXT_FEATURE_COLUMNS:
-        out[col] = context[col].to_numpy(dtype=np.float32)
+    out.update(context_feature_arrays(req, users, items, n))
     # One float32 block, column-major so each column is written contiguously (pandas keeps it as is).
     matrix = np.empty((n, len(FEATURE_COLUMNS)), dtype=np.float32, order="F")
     for j, col in enumerate(FEATURE_COLUMNS):

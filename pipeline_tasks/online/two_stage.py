@@ -12,9 +12,10 @@ A fit directory holds ``two_tower/`` (:mod:`pipeline_tasks.online.two_tower`), `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ from pipeline_tasks.online.candidates import (
     ItemTable,
     UserHistory,
     context_trending,
-    fuse,
+    fuse_arrays,
     item_counts,
     source_lists,
     top_k,
@@ -42,6 +43,7 @@ from pipeline_tasks.online.ranking_features import (
     FEATURE_COLUMNS,
     PRIOR,
     QUERY_ID,
+    KeyedRows,
     assemble_features,
     category_state,
     keyed_rows,
@@ -146,6 +148,13 @@ class Prepared:
     item_table: pd.DataFrame | None = None  # the same for items
     users_table: pd.DataFrame | None = None  # the contract users table keyed by user id (first row per id)
     context_trending: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)  # cold start
+    user_keyed: KeyedRows | None = None  # user_table / item_table as arrays: what feature assembly reads
+    item_keyed: KeyedRows | None = None
+
+    @functools.cached_property
+    def item_array(self) -> np.ndarray:
+        """The fit's item ids as an object array (catalog index -> id)."""
+        return np.asarray(self.fit.item_ids, dtype=object)
 
     def history_of(self, user_ids: Sequence[str], fresh: pd.DataFrame | None = None) -> pd.DataFrame:
         """The history rows of these users in time order per user, then their rows of ``fresh`` (events that
@@ -167,13 +176,14 @@ class VectorCache(Protocol):
     def set_many(self, vectors: Mapping[str, np.ndarray]) -> None: ...
 
 
-def _user_vectors(fit: Fit, user_ids: list[str], hist: pd.DataFrame, user_rows: pd.DataFrame | None,
+def _user_vectors(fit: Fit, user_ids: list[str], hist: pd.DataFrame, user_rows: Callable[[], pd.DataFrame | None],
                   users: pd.DataFrame | None, cache: VectorCache | None) -> np.ndarray:
-    """The users' two-tower embeddings, from ``cache`` where it has them."""
+    """The users' two-tower embeddings, from ``cache`` where it has them (``user_rows`` gives their Feast rows,
+    read only when one is computed)."""
     have = cache.get_many(user_ids) if cache is not None else {}
     missing = [u for u in user_ids if u not in have]
     if missing:
-        fresh = fit.model.user_embeddings(missing, hist, user_rows, users)
+        fresh = fit.model.user_embeddings(missing, hist, user_rows(), users)
         computed = dict(zip(missing, fresh, strict=True))
         if cache is not None:
             cache.set_many(computed)
@@ -191,18 +201,20 @@ def prepare(fit: Fit, moment: Moment) -> Prepared:
     item_vectors = fit.model.item_embeddings(moment.item_rows) if fit.model is not None else None
     category = pd.Series(catalog.category, index=fit.item_ids)
     rows_of = pd.Series(np.arange(len(hist))).groupby(hist[USER_ID].astype(str).to_numpy()).indices
+    user_table, item_table = keyed_rows(moment.user_rows, USER_ID), keyed_rows(moment.item_rows, ITEM_ID)
     return Prepared(fit, moment, catalog, hist, trending, popularity, item_vectors, category,
-                    {str(u): np.asarray(r) for u, r in rows_of.items()},
-                    keyed_rows(moment.user_rows, USER_ID), keyed_rows(moment.item_rows, ITEM_ID),
+                    {str(u): np.asarray(r) for u, r in rows_of.items()}, user_table, item_table,
                     keyed_rows(moment.users, USER_ID, keep="first"),  # the encoder and histories read the first
-                    context_trending(hist, fit.item_ids, moment.at, cfg.trending_days))
+                    context_trending(hist, fit.item_ids, moment.at, cfg.trending_days),
+                    KeyedRows.of(user_table, USER_ID), KeyedRows.of(item_table, ITEM_ID))
 
 
 def _rows_of(table: pd.DataFrame | None, user_ids: Sequence[str]) -> pd.DataFrame | None:
     """The rows of these users in a keyed table (a request reads its users' rows, not the whole table)."""
     if table is None:
         return None
-    return table.loc[table.index.intersection(pd.Index(user_ids, dtype=object))].reset_index(drop=True)
+    pos = table.index.get_indexer(pd.Index(user_ids, dtype=object).unique())
+    return table.iloc[np.sort(pos[pos >= 0])].reset_index(drop=True)  # in the table's order
 
 
 def _requests(moment: Moment, user_ids: Sequence[str], hist: pd.DataFrame) -> pd.DataFrame:
@@ -271,7 +283,8 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
                               for u, r in zip(chunk, history.region, strict=True)]
         user_vectors = None
         if fit.model is not None:
-            user_vectors = _user_vectors(fit, chunk, hist, _rows_of(state.user_table, chunk), users, vectors)
+            user_vectors = _user_vectors(fit, chunk, hist, lambda chunk=chunk: _rows_of(state.user_table, chunk),
+                                         users, vectors)
         cold_rows = np.diff(history.seen.indptr) == 0
         trending = state.trending
         context = _requests(moment, chunk, hist)  # each user's request: time, device, location
@@ -281,11 +294,11 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
             trending = trending_rows(state.trending, state.context_trending, cold_rows, contexts)
         lists = source_lists(user_vectors, state.item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
                              trending, state.popularity, cfg)
-        pool = fuse(lists, cfg)
-        pool.insert(0, QUERY_ID, np.asarray(chunk, dtype=object)[pool["row"].to_numpy()])
-        pool.insert(1, USER_ID, pool[QUERY_ID])
-        pool.insert(2, ITEM_ID, np.asarray(fit.item_ids, dtype=object)[pool["item"].to_numpy()])
-        pool["category"] = catalog.category[pool["item"].to_numpy()]
+        fused = fuse_arrays(lists, cfg)
+        query = np.asarray(chunk, dtype=object)[fused["row"].astype(np.int64)]
+        item_index = fused["item"].astype(np.int64)
+        pool = pd.DataFrame({QUERY_ID: query, USER_ID: query, ITEM_ID: state.item_array[item_index], **fused,
+                             "category": catalog.category[item_index]}, copy=False)
         fill: dict[str, list[str]] = {}
         if fill_k > cfg.pool_size or (lists.lists.get("popularity") is None and fill_k):
             allowed = catalog.allowed_for(history.region) & (history.seen.toarray() == 0)
@@ -295,7 +308,8 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
             idx = lists.lists["popularity"][0]
             fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
         cold = {u for u, is_cold in zip(chunk, cold_rows, strict=True) if is_cold}
-        features = assemble_features(pool, state.user_table, state.item_table, context,
+        features = assemble_features(pool, state.user_keyed or state.user_table,
+                                     state.item_keyed or state.item_table, context,
                                      category_state(hist, chunk, state.category, moment.at))
         yield Block(chunk, pool, features, fill, cold, lists.lists)
 
@@ -316,7 +330,9 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
         if fit.ranker is None:
             raise ValueError("this fit has no ranker; use order='pool'")
         weight = float(((fit.info or {}).get("ranker") or {}).get("params", {}).get(PRIOR, 0.0))
-        score = fit.ranker.predict(block.features[FEATURE_COLUMNS].to_numpy(np.float32), num_threads=1) + \
+        features = block.features if list(block.features.columns) == FEATURE_COLUMNS else \
+            block.features[FEATURE_COLUMNS]
+        score = fit.ranker.predict(features.to_numpy(np.float32), num_threads=1) + \
             prior_scores(pool["fused_score"].to_numpy(), pool[QUERY_ID].to_numpy(), weight)
     elif order == "pool":
         score = pool["fused_score"].to_numpy()
