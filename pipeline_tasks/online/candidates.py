@@ -312,22 +312,61 @@ def item_counts(history: pd.DataFrame, item_ids: Sequence[str], at: pd.Timestamp
 
 # A context's own trending list (cold start) needs this many distinct users in the window; else the global list.
 CONTEXT_MIN_USERS = 20
-CONTEXT_COLUMNS = ("location", "device")  # the request context a cold user's trending list follows, in order
+# What a cold user's trending list follows, in this order: the request's location and device (from events), then
+# the demographics the request or the users table gives (occupation, age band, gender).
+CONTEXT_COLUMNS = ("location", "device", "occupation", "age_band", "gender")
+DEMOGRAPHIC_COLUMNS = ("occupation", "age", "gender")  # users-table / request fields; age is banded
+AGE_BAND_EDGES = (18, 25, 35, 45, 55, 65)
+
+
+def age_band(age: Any) -> str | None:
+    """An age as a band label (``<18``, ``18-24``, ..., ``65+``); None when unknown or not a number."""
+    try:
+        value = float(age)
+    except (TypeError, ValueError):
+        return None
+    if not np.isfinite(value) or value < 0:
+        return None
+    lower = [e for e in AGE_BAND_EDGES if e <= value]
+    if not lower:
+        return f"<{AGE_BAND_EDGES[0]}"
+    upper = [e for e in AGE_BAND_EDGES if e > value]
+    return f"{lower[-1]}-{upper[0] - 1}" if upper else f"{AGE_BAND_EDGES[-1]}+"
+
+
+def demographic_context(row: Mapping[str, Any] | None) -> dict[str, str | None]:
+    """The context keys of a user's demographics (``occupation``, ``age_band``, ``gender``) from a users-table row
+    or a request's context; missing or empty values are None."""
+    row = row or {}
+
+    def text(v: Any) -> str | None:
+        return str(v).strip() or None if isinstance(v, str) or (v is not None and pd.notna(v)) else None
+
+    return {"occupation": text(row.get("occupation")), "age_band": age_band(row.get("age")),
+            "gender": text(row.get("gender"))}
 
 
 def context_trending(history: pd.DataFrame, item_ids: Sequence[str], at: pd.Timestamp, days: float,
-                     min_users: int = CONTEXT_MIN_USERS) -> dict[tuple[str, str], np.ndarray]:
+                     min_users: int = CONTEXT_MIN_USERS, users: pd.DataFrame | None = None
+                     ) -> dict[tuple[str, str], np.ndarray]:
     """Trending counts per request context: ``(column, value) -> distinct users per catalog item`` over the last
-    ``days`` before ``at``, for each value of :data:`CONTEXT_COLUMNS` seen in at least ``min_users`` users' events."""
+    ``days`` before ``at``, for each value of :data:`CONTEXT_COLUMNS` seen in at least ``min_users`` users' events.
+    Demographic columns come from ``users`` (the contract users table, first row per user)."""
     h = history[(history[TIMESTAMP] < at) & (history[TIMESTAMP] >= at - pd.Timedelta(days=days))]
+    if users is not None and len(users) and len(h):
+        table = users.assign(**{USER_ID: users[USER_ID].astype(str)}).drop_duplicates(USER_ID, keep="first")
+        pos = pd.Index(table[USER_ID]).get_indexer(h[USER_ID].astype(str).to_numpy())
+        demo = [demographic_context(r) for r in table.to_dict("records")] + [demographic_context(None)]
+        h = h.assign(**{col: [demo[p][col] for p in np.where(pos >= 0, pos, len(demo) - 1)]
+                        for col in ("occupation", "age_band", "gender")})
     index = pd.Index([str(i) for i in item_ids])
     out: dict[tuple[str, str], np.ndarray] = {}
     for column in CONTEXT_COLUMNS:
         if column not in h or not len(h):
             continue
         pairs = h[[column, USER_ID, ITEM_ID]].dropna(subset=[column]).astype(str).drop_duplicates()
-        users = pairs.groupby(column)[USER_ID].nunique()
-        for value in users[users >= min_users].index:
+        counts = pairs.groupby(column)[USER_ID].nunique()
+        for value in counts[counts >= min_users].index:
             part = pairs[pairs[column] == value]
             idx = index.get_indexer(part[ITEM_ID])
             out[(column, str(value))] = np.bincount(idx[idx >= 0], minlength=len(index)).astype(np.float32)

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
-from pipeline_tasks.online.candidates import SOURCES
+from pipeline_tasks.online.candidates import DEMOGRAPHIC_COLUMNS, SOURCES
 from pipeline_tasks.online.two_stage import Prepared, item_age_days, rank_block, user_blocks
 
 log = logging.getLogger(__name__)
@@ -223,11 +223,13 @@ class Engine:
         if context.get("device") or context.get("location"):
             requests = pd.DataFrame({USER_ID: [user], "device": [context.get("device")],
                                      "location": [context.get("location")]})
+        demographics = {key: context[key] for key in DEMOGRAPHIC_COLUMNS if context.get(key) not in (None, "")}
         with self._lock:
             t1 = time.perf_counter()
             cache = _CacheAdapter(guarded, self.embedding_ttl_s)
             block = next(user_blocks(self.state, [user], fill_k=k + len(blocked), requests=requests,
-                                     vectors=cache, fresh=self._fresh_frame(fresh)))
+                                     vectors=cache, fresh=self._fresh_frame(fresh),
+                                     demographics={user: demographics} if demographics else None))
             timings["candidates_features"] = (time.perf_counter() - t1) * 1000
             t2 = time.perf_counter()
             ranked = rank_block(self.state.fit, block, k, rules=self.rules, age_days=self.ages,

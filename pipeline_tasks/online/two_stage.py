@@ -33,6 +33,7 @@ from pipeline_tasks.online.candidates import (
     ItemTable,
     UserHistory,
     context_trending,
+    demographic_context,
     fuse_arrays,
     item_counts,
     source_lists,
@@ -205,7 +206,7 @@ def prepare(fit: Fit, moment: Moment) -> Prepared:
     return Prepared(fit, moment, catalog, hist, trending, popularity, item_vectors, category,
                     {str(u): np.asarray(r) for u, r in rows_of.items()}, user_table, item_table,
                     keyed_rows(moment.users, USER_ID, keep="first"),  # the encoder and histories read the first
-                    context_trending(hist, fit.item_ids, moment.at, cfg.trending_days),
+                    context_trending(hist, fit.item_ids, moment.at, cfg.trending_days, users=moment.users),
                     KeyedRows.of(user_table, USER_ID), KeyedRows.of(item_table, ITEM_ID))
 
 
@@ -242,6 +243,24 @@ def _requests(moment: Moment, user_ids: Sequence[str], hist: pd.DataFrame) -> pd
     return req
 
 
+def _cold_contexts(chunk: list[str], regions: list[str | None], context: pd.DataFrame, users: pd.DataFrame | None,
+                   demographics: Mapping[str, Mapping[str, Any]] | None) -> list[dict[str, str | None]]:
+    """Each user's context for a cold-start trending list: location and device of the request, and demographics
+    the request states, else the users table's."""
+    devices = context["device"].tolist() if "device" in context else [None] * len(chunk)
+    rows: dict[str, dict[str, Any]] = {}
+    if users is not None and len(users):
+        for row in users.to_dict("records"):
+            rows.setdefault(str(row[USER_ID]), row)  # a user's first row, as the encoder reads it
+    out = []
+    for user, region, device in zip(chunk, regions, devices, strict=True):
+        demo = demographic_context(rows.get(user))
+        stated = demographic_context((demographics or {}).get(user))
+        demo.update({k: v for k, v in stated.items() if v is not None})
+        out.append({"location": region, "device": device, **demo})
+    return out
+
+
 def block_size(fit: Fit) -> int:
     """Users per block: bounded by the dense users x items score matrices and by the pool rows a block assembles
     features for (memory stays flat however many users a call asks for)."""
@@ -257,13 +276,16 @@ def candidate_blocks(fit: Fit, moment: Moment, user_ids: Sequence[str], fill_k: 
 
 def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
                 block_users: int | None = None, requests: pd.DataFrame | None = None,
-                vectors: VectorCache | None = None, fresh: pd.DataFrame | None = None) -> Iterator[Block]:
+                vectors: VectorCache | None = None, fresh: pd.DataFrame | None = None,
+                demographics: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[Block]:
     """The pool and feature rows of each block of ``user_ids`` from a prepared moment.
 
     ``requests`` (``user_id``, ``device``, ``location``) is each user's request context (default: the moment's,
     else their latest event's); a given location is also the region servability is checked for. ``vectors``
     caches user embeddings between calls (the service's cache; invalidated when a user's history changes).
-    ``fresh`` holds events newer than the prepared history (:meth:`Prepared.history_of`).
+    ``fresh`` holds events newer than the prepared history (:meth:`Prepared.history_of`). ``demographics`` gives
+    per user the ``occupation`` / ``age`` / ``gender`` a request states (a cold user's trending list follows them;
+    default: the users table's).
     """
     ids = [str(u) for u in user_ids]
     fit, moment, catalog = state.fit, state.moment, state.catalog
@@ -289,8 +311,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
         trending = state.trending
         context = _requests(moment, chunk, hist)  # each user's request: time, device, location
         if cold_rows.any() and state.context_trending:  # a cold user gets the trending list of its context
-            contexts = [{"location": region, "device": device} for region, device in zip(
-                history.region, context["device"] if "device" in context else [None] * len(chunk), strict=True)]
+            contexts = _cold_contexts(chunk, history.region, context, users, demographics)
             trending = trending_rows(state.trending, state.context_trending, cold_rows, contexts)
         lists = source_lists(user_vectors, state.item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
                              trending, state.popularity, cfg)

@@ -187,6 +187,16 @@ def test_cold_user_gets_trending(served):
     items = res.json()["items"]
     assert len(items) == 20 and {i["source"] for i in items} == {"trending"}
     assert not {i["item_id"] for i in items} & (served["unavailable"] | served["regional"])
+    # Stated demographics pick that group's trending list (ml-100k's last week: the 25-34 band has enough users);
+    # a group without its own list gets the global one.
+    ids = [i["item_id"] for i in items]
+    banded = _post(served["client"], "/recommend", {"user_id": f"new-{uuid.uuid4().hex[:8]}", "num_items": 20,
+                                                    "context": {"age": 30}}).json()["items"]
+    assert {i["source"] for i in banded} == {"trending"} and [i["item_id"] for i in banded] != ids
+    assert not {i["item_id"] for i in banded} & (served["unavailable"] | served["regional"])
+    unknown = _post(served["client"], "/recommend", {"user_id": f"new-{uuid.uuid4().hex[:8]}", "num_items": 20,
+                                                     "context": {"occupation": "astronaut"}}).json()["items"]
+    assert [i["item_id"] for i in unknown] == ids
 
 
 def test_servability_and_category_cap(served):

@@ -174,3 +174,30 @@ def test_cold_users_get_the_trending_list_of_their_context():
     got = trending_rows(overall, by_context, cold, contexts)
     assert got.tolist() == [[3, 0, 0], [3, 0, 0], [3, 2, 0], [3, 2, 0]]  # DE; mobile (no US list); global; warm
     assert trending_rows(overall, by_context, np.zeros(4, bool), contexts) is overall  # nobody cold: no copy
+
+
+def test_cold_users_get_the_trending_list_of_their_demographics():
+    """Occupation, age band and gender come from the users table (first row per user); a cold user's own users-table
+    row or the demographics its request states pick the list, after location and device."""
+    from pipeline_tasks.online.candidates import age_band, context_trending, demographic_context, trending_rows
+
+    assert [age_band(a) for a in (12, 18, 24, 25, 64, 65, 90, None, "x", float("nan"), -3)] == \
+        ["<18", "18-24", "18-24", "25-34", "55-64", "65+", "65+", None, None, None, None]
+    assert demographic_context({"occupation": " student ", "age": 22, "gender": ""}) == \
+        {"occupation": "student", "age_band": "18-24", "gender": None}
+    rows = [(f"s{n}", "i0") for n in range(3)] + [(f"e{n}", "i1") for n in range(3)]
+    hist = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                         "timestamp": [_ts(8)] * len(rows)})
+    users = pd.DataFrame({"user_id": ["s0", "s1", "s2", "e0", "e1", "e2", "s0"],
+                          "occupation": ["student"] * 3 + ["engineer"] * 3 + ["engineer"],  # s0's first row counts
+                          "age": [20, 21, 22, 40, 41, 42, 99], "gender": ["F", "M", "M", "M", "F", "M", "F"]})
+    by_context = context_trending(hist, ["i0", "i1", "i2"], AT, days=7, min_users=3, users=users)
+    assert by_context[("occupation", "student")].tolist() == [3, 0, 0]
+    assert by_context[("age_band", "35-44")].tolist() == [0, 3, 0]
+    assert by_context[("gender", "M")].tolist() == [2, 2, 0] and ("gender", "F") not in by_context  # 4 and 2 users
+    overall = np.array([3, 3, 0], np.float32)
+    contexts = [{"location": None, "device": None, **demographic_context({"occupation": "engineer"})},
+                {"location": None, "device": None, **demographic_context({"age": 19})},
+                {"location": None, "device": None, **demographic_context({"gender": "F"})}]
+    got = trending_rows(overall, by_context, np.ones(3, bool), contexts)
+    assert got.tolist() == [[0, 3, 0], [3, 0, 0], [3, 3, 0]]  # engineers; 18-24; no list for F: global
