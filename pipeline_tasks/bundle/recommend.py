@@ -25,7 +25,7 @@ from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.core.settings import Settings, load_settings
 from pipeline_tasks.data.validate import to_utc
 from pipeline_tasks.online.bundle import Bundle
-from pipeline_tasks.online.two_stage import RULES_ORDER, Fit, Moment, load_fit, ranked_lists
+from pipeline_tasks.online.two_stage import RULES_ORDER, Fit, Moment, load_fit, load_serving_fit, ranked_lists
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def load_moment(bundle: Bundle, as_of: pd.Timestamp | str, user_ids: Sequence[st
     source = Path(data_dir) if data_dir is not None else Path(bundle.meta["accepted_dir"])
     interactions, items, users = _read_contract(source)
     history = interactions[interactions[TIMESTAMP] < at]
-    loaded = load_fit(bundle.fit_dir(fit))
+    loaded = load_serving_fit(bundle, fit, settings) if fit == "serving" else load_fit(bundle.fit_dir(fit))
     ns_settings = dataclasses.replace(settings or load_settings(), namespace=bundle.meta["namespace"])
     newest = newest_snapshot_end(ns_settings)
     user_rows = item_rows = None

@@ -16,6 +16,7 @@ pointing back at what it extends; :func:`serving_index_dir` verifies that chain 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -341,3 +342,21 @@ def load_serving_index(bundle: Bundle, settings: Settings | None = None, use_gpu
     except IndexChecksumError as exc:
         what = str(exc).replace(f"; {REBUILD_HINT}", "")  # the chain knows the better remedy
         raise IndexChecksumError(f"{what}; {fix}") from exc
+
+
+def extension_items(bundle: Bundle, known: Sequence[str], settings: Settings | None = None
+                    ) -> tuple[list[str], np.ndarray]:
+    """The items the bundle's newest index extension holds beyond ``known`` and their vectors, read from the
+    verified chain (:func:`load_serving_index`); none when the bundle has no extension."""
+    if not extension_dirs(bundle.name, bundle.version, settings):
+        return [], np.zeros((0, 0), dtype=np.float32)
+    index = load_serving_index(bundle, settings, use_gpu=False)
+    ids = [str(i) for i in index.item_ids]
+    positions = np.flatnonzero(pd.Index(known, dtype=object).get_indexer(ids) < 0)
+    if not len(positions):
+        return [], np.zeros((0, index.index.d), dtype=np.float32)
+    faiss_index = index.index
+    with contextlib.suppress(AttributeError, RuntimeError):
+        faiss.extract_index_ivf(faiss_index).make_direct_map()  # IVF reconstructs only with a direct map
+    vectors = np.vstack([faiss_index.reconstruct(int(p)) for p in positions]).astype(np.float32)
+    return [ids[p] for p in positions], vectors

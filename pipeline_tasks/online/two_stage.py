@@ -68,6 +68,7 @@ class Fit:
     config: CandidateConfig
     ranker: Any = None  # lightgbm.Booster | None
     info: dict[str, Any] | None = None
+    new_item_vectors: np.ndarray | None = None  # two-tower vectors of items added after the fit (with_new_items)
 
     @property
     def item_ids(self) -> list[str]:
@@ -100,6 +101,56 @@ def load_fit(fit_dir: str | Path) -> Fit:
     info = json.loads((d / FIT_FILE).read_text()) if (d / FIT_FILE).exists() else {}
     config = CandidateConfig.from_params(json.loads((d / "candidates.json").read_text()))
     return Fit(model, ItemGraph.load(d / "item_graph"), config, ranker, info)
+
+
+def with_new_items(fit: Fit, item_ids: Sequence[str], vectors: np.ndarray) -> Fit:
+    """``fit`` with items added after it (the hourly refresh's index extensions) appended to its catalog.
+
+    The new items keep the two-tower vectors the refresh computed from their content, category and genres, so the
+    two-tower source retrieves them; they have no co-occurrence or content edges, no events (trending and
+    popularity 0) and no Feast rows until a run's materialisation (NaN features). Whether one is served follows
+    the snapshot's catalog like any item's. Items the fit knows already are skipped.
+    """
+    known = fit.graph.index
+    ids = [str(i) for i in item_ids]
+    fresh = np.flatnonzero(known.get_indexer(ids) < 0).tolist() if ids else []
+    if not fresh or fit.model is None:
+        return fit
+    import scipy.sparse as sp
+
+    n, m = len(fit.item_ids), len(fresh)
+
+    def padded(matrix: sp.csr_matrix) -> sp.csr_matrix:
+        out = matrix.tocsr().copy()
+        out.resize((n + m, n + m))
+        return out
+
+    graph = ItemGraph([*fit.item_ids, *(ids[j] for j in fresh)], padded(fit.graph.cooccurrence),
+                      padded(fit.graph.content))
+    vectors = np.asarray(vectors, np.float32)[fresh]
+    if fit.new_item_vectors is not None:
+        vectors = np.vstack([fit.new_item_vectors, vectors])
+    return dataclasses.replace(fit, graph=graph, new_item_vectors=vectors)
+
+
+def load_serving_fit(bundle: Any, name: str = "serving", settings: Any = None) -> Fit:
+    """The bundle's fit ``name`` with the items of its newest index extension (:func:`with_new_items`): what
+    ``recsys recommend``, snapshots and the service answer from. A broken extension chain is logged (with what to
+    do) and the fit's own catalog is served."""
+    from pipeline_tasks.online.index import IndexChecksumError, extension_items
+
+    fit = load_fit(bundle.fit_dir(name))
+    if fit.model is None or not bundle.version:
+        return fit
+    try:
+        ids, vectors = extension_items(bundle, fit.item_ids, settings)
+    except IndexChecksumError as exc:
+        log.error("serving %s version %s without its index extensions: %s", bundle.name, bundle.version, exc)
+        return fit
+    if ids:
+        log.info("%d items added by index extensions after the fit are served through their two-tower vectors",
+                 len(ids))
+    return with_new_items(fit, ids, vectors) if ids else fit
 
 
 @dataclass
@@ -200,6 +251,8 @@ def prepare(fit: Fit, moment: Moment) -> Prepared:
     trending = item_counts(hist, fit.item_ids, moment.at, days=cfg.trending_days)
     popularity = item_counts(hist, fit.item_ids, moment.at)
     item_vectors = fit.model.item_embeddings(moment.item_rows) if fit.model is not None else None
+    if item_vectors is not None and fit.new_item_vectors is not None:  # items added after the fit (with_new_items)
+        item_vectors = np.vstack([item_vectors, fit.new_item_vectors]).astype(np.float32)
     category = pd.Series(catalog.category, index=fit.item_ids)
     rows_of = pd.Series(np.arange(len(hist))).groupby(hist[USER_ID].astype(str).to_numpy()).indices
     user_table, item_table = keyed_rows(moment.user_rows, USER_ID), keyed_rows(moment.item_rows, ITEM_ID)

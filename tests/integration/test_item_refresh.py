@@ -156,6 +156,21 @@ def test_refresh_makes_new_items_retrievable(run_recsys, tmp_path):
     assert "new_jazz_record" in top[0], f"cold jazz item not in the top 20 of jazz fan {fan}: {top[0]}"
     assert "new_jazz_record" not in top[1], f"cold jazz item in the top 20 of horror fan {control}: {top[1]}"
 
+    # The request path serves it too: the serving fit plus the extension's items, as `recsys recommend` and the
+    # service load them. The new item's two-tower vector retrieves it for the fan, not the control; it is servable
+    # and reaches the ranker (whose list it may or may not top: it has no co-occurrence or trending signal yet).
+    from pipeline_tasks.bundle.recommend import load_moment
+    from pipeline_tasks.online.two_stage import ranked_lists
+
+    as_of = pd.to_datetime(accepted["timestamp"], utc=True).max() + pd.Timedelta(seconds=1)
+    fit, moment = load_moment(bundle, as_of, users, data_dir=src)
+    assert fit.item_ids[-2:] == ["new_jazz_record", "new_space_book"]
+    lists = ranked_lists(fit, moment, users, len(fit.item_ids), orders=("two_tower", "ranker"))
+    retrieved = [[i for i, _ in lists["two_tower"][u]] for u in users]
+    assert "new_jazz_record" in retrieved[0][:20], f"new jazz item not retrieved for jazz fan {fan}: {retrieved[0]}"
+    assert "new_jazz_record" not in retrieved[1][:20], retrieved[1][:20]
+    assert "new_jazz_record" in {i for i, _ in lists["ranker"][fan]}
+
     # A corrupted extension is refused by its checksum (serving says what to do); the files are put back after.
     path = extension / "index.faiss"
     original = path.read_bytes()
