@@ -147,7 +147,7 @@ class RecsysService:
             from pipeline_tasks.online.engine import LocalState
             from pipeline_tasks.online.feedback_log import FeedbackLog
             from pipeline_tasks.online.snapshot import load_snapshot
-            from pipeline_tasks.online.two_stage import load_serving_fit, prepare
+            from pipeline_tasks.online.two_stage import load_fit, prepare, with_extension_items
 
             torch.set_num_threads(1)  # one request at a time per worker: intra-op threads only add overhead
             started = time.perf_counter()
@@ -157,7 +157,8 @@ class RecsysService:
             moment, info = load_snapshot(snapshot_dir)
             if not bundle.version:  # a registry download's bundle.json has no version: the snapshot names it
                 bundle.version, bundle.name = int(info.get("version") or 0), info.get("model") or bundle.name
-            fit = load_serving_fit(bundle, info.get("fit", "serving"))
+            base_fit = load_fit(bundle.fit_dir(info.get("fit", "serving")))
+            fit = with_extension_items(base_fit, bundle)
             state = prepare(fit, moment)
             kind = os.environ.get("RECSYS_STATE", "local")
             if kind == "redis":
@@ -169,7 +170,7 @@ class RecsysService:
                 store = LocalState()
             else:
                 raise ValueError(f"RECSYS_STATE={kind!r}: use 'local' or 'redis'")
-            self._fit, self._store, self.snapshot_dir = fit, store, snapshot_dir
+            self._base_fit, self._fit, self._store, self.snapshot_dir = base_fit, fit, store, snapshot_dir
             self.engine = self._engine(state)
             snapshot_moment.set(moment.at.timestamp())
             settings = load_settings()
@@ -212,15 +213,15 @@ class RecsysService:
     def refresh(self, snapshot_dir: Path) -> None:
         """Load ``snapshot_dir`` beside the snapshot in use, then swap it in (one reference assignment)."""
         from pipeline_tasks.online.snapshot import load_snapshot
-        from pipeline_tasks.online.two_stage import load_serving_fit, prepare
+        from pipeline_tasks.online.two_stage import prepare, with_extension_items
 
         started = time.perf_counter()
         moment, info = load_snapshot(snapshot_dir)
         if int(info.get("version") or self.bundle.version) != self.bundle.version:
             raise ValueError(f"snapshot {snapshot_dir} is of version {info.get('version')}, this service serves "
                              f"version {self.bundle.version}")
-        # Items of index extensions written since the last load come with the new snapshot.
-        self._fit = load_serving_fit(self.bundle, info.get("fit", "serving"))
+        # Items of index extensions written since the last load come with the new snapshot (the fit is not reloaded).
+        self._fit = with_extension_items(self._base_fit, self.bundle)
         engine = self._engine(prepare(self._fit, moment))
         self.engine, self.snapshot_dir = engine, snapshot_dir
         snapshot_moment.set(moment.at.timestamp())

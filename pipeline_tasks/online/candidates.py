@@ -354,8 +354,10 @@ def context_trending(history: pd.DataFrame, item_ids: Sequence[str], at: pd.Time
     Demographic columns come from ``users`` (the contract users table, first row per user)."""
     h = history[(history[TIMESTAMP] < at) & (history[TIMESTAMP] >= at - pd.Timedelta(days=days))]
     if users is not None and len(users) and len(h):
+        active = h[USER_ID].astype(str).to_numpy()
         table = users.assign(**{USER_ID: users[USER_ID].astype(str)}).drop_duplicates(USER_ID, keep="first")
-        pos = pd.Index(table[USER_ID]).get_indexer(h[USER_ID].astype(str).to_numpy())
+        table = table[table[USER_ID].isin(set(active))]  # only the window's users are counted
+        pos = pd.Index(table[USER_ID]).get_indexer(active)
         demo = [demographic_context(r) for r in table.to_dict("records")] + [demographic_context(None)]
         h = h.assign(**{col: [demo[p][col] for p in np.where(pos >= 0, pos, len(demo) - 1)]
                         for col in ("occupation", "age_band", "gender")})

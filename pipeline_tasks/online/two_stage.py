@@ -134,12 +134,17 @@ def with_new_items(fit: Fit, item_ids: Sequence[str], vectors: np.ndarray) -> Fi
 
 
 def load_serving_fit(bundle: Any, name: str = "serving", settings: Any = None) -> Fit:
-    """The bundle's fit ``name`` with the items of its newest index extension (:func:`with_new_items`): what
-    ``recsys recommend``, snapshots and the service answer from. A broken extension chain is logged (with what to
-    do) and the fit's own catalog is served."""
+    """The bundle's fit ``name`` with the items of its newest index extension (:func:`with_extension_items`): what
+    ``recsys recommend``, snapshots and the service answer from."""
+    return with_extension_items(load_fit(bundle.fit_dir(name)), bundle, settings)
+
+
+def with_extension_items(fit: Fit, bundle: Any, settings: Any = None) -> Fit:
+    """``fit`` (as loaded, without added items) plus the items of the bundle's newest index extension
+    (:func:`with_new_items`). A broken extension chain is logged (with what to do) and the fit's own catalog is
+    served."""
     from pipeline_tasks.online.index import IndexChecksumError, extension_items
 
-    fit = load_fit(bundle.fit_dir(name))
     if fit.model is None or not bundle.version:
         return fit
     try:
@@ -382,8 +387,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
             idx = lists.lists["popularity"][0]
             fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
         cold = {u for u, is_cold in zip(chunk, cold_rows, strict=True) if is_cold}
-        features = assemble_features(pool, state.user_keyed or state.user_table,
-                                     state.item_keyed or state.item_table, context,
+        features = assemble_features(pool, state.user_keyed, state.item_keyed, context,
                                      category_state(hist, chunk, state.category, moment.at))
         yield Block(chunk, pool, features, fill, cold, lists.lists)
 
