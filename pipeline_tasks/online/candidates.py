@@ -131,13 +131,48 @@ class ItemGraph:
 
 
 def _top_per_row(matrix: sp.csr_matrix | np.ndarray, k: int) -> sp.csr_matrix:
-    """Keep each row's k largest positive entries."""
-    dense = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
-    dense = np.where(dense > 0, dense, 0.0).astype(np.float32)
-    if dense.shape[1] > k:
-        cut = np.argpartition(-dense, k - 1, axis=1)[:, k:]
-        np.put_along_axis(dense, cut, 0.0, axis=1)
-    return sp.csr_matrix(dense)
+    """Keep each row's k largest positive entries (sparse input: ties go to the lower column)."""
+    if not sp.issparse(matrix):
+        dense = np.asarray(matrix)
+        dense = np.where(dense > 0, dense, 0.0).astype(np.float32)
+        if dense.shape[1] > k:
+            cut = np.argpartition(-dense, k - 1, axis=1)[:, k:]
+            np.put_along_axis(dense, cut, 0.0, axis=1)
+        return sp.csr_matrix(dense)
+    m = sp.csr_matrix(matrix, dtype=np.float32)
+    m.data[m.data < 0] = 0.0
+    m.eliminate_zeros()
+    counts = np.diff(m.indptr)
+    if counts.max(initial=0) <= k:
+        return m
+    rows = np.repeat(np.arange(m.shape[0]), counts)
+    order = np.lexsort((m.indices, -m.data, rows))  # by row, then largest first, then lowest column
+    keep = order[np.arange(len(order)) - m.indptr[rows[order]] < k]
+    return sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+
+
+def _top_cold(vectors: np.ndarray, cold: np.ndarray, k: int, step: int) -> sp.csr_matrix:
+    """Each item's k most similar cold items by content inner product (positive only, never itself), computed
+    in blocks of ``step`` items against the cold items alone."""
+    n, targets = len(vectors), vectors[cold]
+    k = min(k, len(cold))
+    rows, cols, vals = [], [], []
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        sim = vectors[start:stop] @ targets.T  # (block, n_cold)
+        mine = np.flatnonzero((cold >= start) & (cold < stop))  # cold items of this block: not their own neighbour
+        sim[cold[mine] - start, mine] = 0.0
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k] if len(cold) > k else \
+            np.broadcast_to(np.arange(len(cold)), (stop - start, len(cold)))
+        best = np.take_along_axis(sim, top, axis=1)
+        r, c = np.nonzero(best > 0)
+        rows.append(r + start)
+        cols.append(cold[top[r, c]])
+        vals.append(best[r, c])
+    if not rows:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    return sp.csr_matrix((np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(n, n))
 
 
 def build_item_graph(history: pd.DataFrame, item_ids: Sequence[str], content: np.ndarray | None,
@@ -174,23 +209,17 @@ def build_item_graph(history: pd.DataFrame, item_ids: Sequence[str], content: np
             blocks.append(_top_per_row(weights[start:start + step], config.neighbours))
         del weights
     for start in range(0, n if not blocks else 0, step):
-        co = (by_item[start:start + step] @ incidence).toarray()  # (block, n) co-occurrence counts
-        co /= norm[start:start + step, None] * norm[None, :]
-        co[np.arange(co.shape[0]), np.arange(start, start + co.shape[0])] = 0.0
+        co = (by_item[start:start + step] @ incidence).tocoo()  # (block, n) co-occurrence counts, sparse
+        weight = co.data / (norm[start + co.row] * norm[co.col])
+        weight[co.row + start == co.col] = 0.0  # an item is not its own neighbour
+        co = sp.csr_matrix((weight.astype(np.float32), (co.row, co.col)), shape=co.shape)
         blocks.append(_top_per_row(co, config.neighbours))
     cooc = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, n), dtype=np.float32)
 
     cold = np.flatnonzero(counts < config.cold_item_events)
     if content is not None and len(cold) and n:
-        vectors = np.asarray(content, np.float32)
-        cblocks = []
-        for start in range(0, n, step):
-            sim = vectors[start:start + step] @ vectors[cold].T  # (block, n_cold)
-            full = np.zeros((sim.shape[0], n), np.float32)
-            full[:, cold] = sim
-            full[np.arange(full.shape[0]), np.arange(start, start + full.shape[0])] = 0.0
-            cblocks.append(_top_per_row(full, min(config.neighbours, len(cold))))
-        content_graph = sp.vstack(cblocks).tocsr()
+        content_graph = _top_cold(np.asarray(content, np.float32), cold, config.neighbours,
+                                  max(1, BLOCK_CELLS // max(len(cold), 1)))
     else:
         content_graph = sp.csr_matrix((n, n), dtype=np.float32)
     log.info("item graph: %d items, %d co-occurrence edges, %d cold items with %d content edges", n, cooc.nnz,
