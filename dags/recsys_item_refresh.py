@@ -1,5 +1,5 @@
 """
-### recsys_item_refresh — make new catalog items retrievable within the hour, without retraining
+### recsys_item_refresh — new items retrievable and running services fresh within the hour, without retraining
 
 Hourly. What is served is decided by the MLflow registry's aliases alone (`champion`, `challenger` of each
 `recsys_<namespace>` model), and a registered bundle is never edited. For every version a live alias points at,
@@ -18,6 +18,15 @@ version's own chain at once; the refresh takes the index lock, so two refreshes 
   Skipped when no champion/challenger exists yet (run `recsys_training` first); succeeds without a new extension
   when there is nothing new. A broken or corrupted extension chain fails the task at once (the error says which
   directory to move away); the other aliases are still refreshed first.
+
+- `publish_snapshots` -> `$RECSYS_HOME/runs/<run>/publish_snapshots/snapshots.json`: for every aliased version,
+  a new serving snapshot under `$RECSYS_HOME/serving/<model>/v<version>/published-*` when its data (newest event),
+  the namespace's newest materialised feature day or its index extension changed since the snapshot its
+  `current.json` names (`changed` lists which), else `up_to_date`. A running service (`recsys serve`, or
+  `bentoml serve` with the same `RECSYS_HOME`) reads `current.json` every `RECSYS_REFRESH_S` seconds and swaps the
+  new snapshot in atomically, new items included. The data is `source` when it is a contract directory, else the
+  one the version's services were started on (`recsys serve --data`), else the version's training source when that
+  is a contract directory, else the bundle's accepted data.
 
 **Params**: `source` — a contract directory, an items file (`.parquet`/`.csv`) or a built-in source, used for
 every alias; empty = each bundle's training source.
@@ -61,7 +70,21 @@ def recsys_item_refresh() -> None:
             raise AirflowSkipException(out["message"])
         return out
 
-    refresh_items()
+    # all_done: one version's failed extension must not keep every live version's services stale.
+    @task(trigger_rule="all_done",
+          doc_md="For every champion/challenger bundle: write a fresh serving snapshot (history, catalog, Feast "
+                 "rows at the data's newest moment) when the data, the feature store or the index extensions "
+                 "changed, and point `current.json` at it; running services swap it in within RECSYS_REFRESH_S.")
+    @fail_fast
+    def publish_snapshots(params: dict | None = None, run_id: str | None = None) -> dict:
+        from pipeline_tasks.stages.bundle import publish_snapshots_stage
+
+        out = publish_snapshots_stage(run_id, params)
+        if out["status"] == "no_model":
+            raise AirflowSkipException("no champion or challenger to publish a snapshot for")
+        return out
+
+    refresh_items() >> publish_snapshots()
 
 
 recsys_item_refresh()

@@ -132,16 +132,18 @@ def snapshot_moment(bundle: Bundle) -> pd.Timestamp:
 
 def write_snapshot(bundle: Bundle, out_dir: str | Path, as_of: pd.Timestamp | str | None = None,
                    data_dir: str | Path | None = None, fit: str = "serving",
-                   settings: Settings | None = None) -> Path:
+                   settings: Settings | None = None, extra: dict[str, Any] | None = None) -> Path:
     """The serving snapshot of ``bundle`` at ``as_of`` (default: the bundle's), read exactly as
-    ``recsys recommend --as-of`` reads it (:func:`load_moment`), for every user with history."""
+    ``recsys recommend --as-of`` reads it (:func:`load_moment`), for every user with history (``extra``: more
+    fields for its ``snapshot.json``)."""
     from pipeline_tasks.online.snapshot import save_snapshot
 
     started = time.perf_counter()
     at = to_utc(as_of) if as_of is not None else snapshot_moment(bundle)
     _, moment = load_moment(bundle, at, None, data_dir, fit, settings)
     out = save_snapshot(moment, out_dir, {"model": bundle.name, "version": bundle.version, "fit": fit,
-                                          "data_dir": str(data_dir or bundle.meta.get("accepted_dir"))})
+                                          "data_dir": str(data_dir or bundle.meta.get("accepted_dir")),
+                                          **(extra or {})})
     log.info("serving snapshot of %s version %d at %s written to %s in %.1f s", bundle.name, bundle.version,
              at.isoformat(), out, time.perf_counter() - started)
     return out

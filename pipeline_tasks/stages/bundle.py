@@ -260,3 +260,12 @@ def _code_label(code: Any) -> str:
     if isinstance(code, dict):
         return str(code.get("commit") or code.get("git_commit") or code.get("version") or "unknown")
     return str(code or "unknown")
+
+
+def publish_snapshots_stage(run_id: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The hourly refresh's second step: a fresh serving snapshot for every live alias whose data, features or
+    index extensions changed, pointed at so that its running services swap it in."""
+    from pipeline_tasks.bundle.publish import publish_snapshots
+
+    source = (params or {}).get("source") or None
+    return run_stage(run_id, "publish_snapshots", publish_snapshots, source=source)

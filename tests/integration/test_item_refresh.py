@@ -37,9 +37,9 @@ RANKER = {"n_trials": 4, "timeout_s": 60}
 GATE = {"metrics": ["ndcg@10"]}
 
 
-def _entry(out: dict, model: str) -> dict:
-    """The refresh's entry for ``model`` (the session's registry may hold other sources' models too)."""
-    entries = [e for e in out["aliases"] if e["name"] == model]
+def _entry(out: dict | list, model: str) -> dict:
+    """The refresh's (or publish's list's) entry for ``model`` (the session's registry may hold other models too)."""
+    entries = [e for e in (out if isinstance(out, list) else out["aliases"]) if e["name"] == model]
     assert len(entries) == 1, out
     return entries[0]
 
@@ -117,6 +117,10 @@ def test_refresh_makes_new_items_retrievable(run_recsys, tmp_path):
     assert entry["status"] == "up_to_date" and entry["added"] == 0 and entry["aliases"] == ["champion"]
     assert entry["index_dir"] == str(bundle.path / "index")
     assert serving_index_dir(bundle) == bundle.path / "index"
+    # ... but the version's services get their first published snapshot (the training source's data).
+    first = _entry(idle.manifest["tasks"]["publish_snapshots"]["outputs"]["snapshots"], model_name)
+    assert first["status"] == "published" and first["data_dir"] == str(src), first
+    assert json.loads(Path(first["pointer"]).read_text())["snapshot"] == first["snapshot"]
 
     # A jazz fan and a control user who keeps to horror; two new items nobody has met yet.
     accepted = pd.read_parquet(run.run_dir / "validate" / "accepted" / "interactions.parquet")
@@ -143,6 +147,16 @@ def test_refresh_makes_new_items_retrievable(run_recsys, tmp_path):
     assert parent["bundle"] == {"name": model_name, "version": version}
     assert parent["sha256"] == built["sha256"] and parent["index_dir"] == str(bundle.path / "index")
     assert _files(bundle.path) == registered_files  # the bundle is never edited
+    # The new extension is published to running services: a new snapshot, pointed at, naming the extension.
+    published = _entry(refreshed.manifest["tasks"]["publish_snapshots"]["outputs"]["snapshots"], model_name)
+    assert published["status"] == "published" and published["changed"] == ["index_dir"], published
+    assert published["index_dir"] == str(extension) and published["snapshot"] != first["snapshot"]
+    assert json.loads(Path(published["pointer"]).read_text())["snapshot"] == published["snapshot"]
+    served_items = pd.read_parquet(Path(published["snapshot"]) / "items.parquet")
+    assert {"new_jazz_record", "new_space_book"} <= set(served_items["item_id"].astype(str))
+    from pipeline_tasks.bundle.publish import publish_snapshot
+
+    assert publish_snapshot(bundle, src)["status"] == "up_to_date"  # nothing new since: nothing written
     load_index(bundle.path / "index")  # ... and still verifies
 
     index = load_serving_index(bundle)
