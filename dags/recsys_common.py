@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
+from airflow.sdk import Asset
 from airflow.sdk.exceptions import AirflowFailException
 
 from pipeline_tasks.core.errors import PermanentError  # a plain exception module: no heavy import
@@ -23,6 +24,10 @@ RETRY_ARGS = {
     "retry_delay": timedelta(minutes=1),
     "execution_timeout": timedelta(hours=1),  # tasks that may take longer set their own
 }
+
+
+# `register` of recsys_training updates it; it schedules recsys_canary where a scheduler runs.
+CHALLENGER_ASSET = Asset("recsys_challenger")
 
 
 def fail_fast(fn: F) -> F:

@@ -67,7 +67,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, TaskGroup, dag, task
-from recsys_common import RETRY_ARGS, fail_fast
+from recsys_common import CHALLENGER_ASSET, RETRY_ARGS, fail_fast
 
 from pipeline_tasks.core.constants import DEFAULT_PARAMS  # a plain dict: no heavy import at parse time
 
@@ -246,7 +246,8 @@ def recsys_training() -> None:
         return evaluate_stage(run_id, cands, ranker)
 
     @task(doc_md="Register the bundle as a new MLflow model version; the gate moves champion/challenger or "
-                 "fails here leaving the aliases untouched.")
+                 "fails here leaving the aliases untouched. Updates the Asset `recsys_challenger`, which starts "
+                 "`recsys_canary` where a scheduler runs.", outlets=[CHALLENGER_ASSET])
     @fail_fast
     def register(cands: dict, ranker: dict, index: dict, evaluated: dict, run_id: str | None = None) -> dict:
         from pipeline_tasks.stages.bundle import register_stage

@@ -323,6 +323,36 @@ def run(
     except RunInProgressError as exc:
         raise _fail(str(exc), code=3) from None
     _report(DAG_ID, run_id, returncode, attempts, full_log, settings, (datetime.now(UTC) - started).total_seconds())
+    _start_canary(run_id, settings)
+
+
+def _start_canary(run_id: str | None, settings: Any) -> None:
+    """After a run that registered a challenger: walk it with the canary when the model's canary router runs
+    (`recsys canary start` in the background, its output in the canary's directory), else say how to."""
+    from pipeline_tasks.bundle.canary import canary_dir, process_info
+    from pipeline_tasks.core.runs import MANIFEST
+    from pipeline_tasks.core.runs import run_dir as _run_dir
+
+    if not run_id:
+        return
+    path = _run_dir(run_id, settings) / MANIFEST
+    registered = ((json.loads(path.read_text()).get("tasks") or {}).get("register") or {}).get("outputs") \
+        if path.exists() else None
+    if not registered or registered.get("alias") != "challenger":
+        return
+    name = registered["model"]
+    router = process_info(name, "router", settings)
+    if not router or not router["alive"]:
+        typer.echo(f"Challenger    : {name} v{registered['version']}; walk it on live traffic with "
+                   f"`recsys canary start --model {name}`")
+        return
+    out = canary_dir(name, settings) / "canary-start.log"
+    with open(out, "ab") as fh:
+        subprocess.Popen([sys.executable, "-m", "pipeline_tasks.cli", "canary", "start", "--model", name,
+                          "--challenger-version", str(registered["version"])], stdout=fh, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
+    typer.echo(f"Canary        : {name} v{registered['version']} is walking 5 -> 25 -> 50 -> 100 % on the running "
+               f"router (`recsys canary status`; output {out})")
 
 
 @app.command()
@@ -333,16 +363,20 @@ def refresh(
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="print every log line of the run (always written to the full log file)")] = False,
 ) -> None:
-    """Run the recsys_item_refresh DAG once: add new catalog items to the index of every champion/challenger bundle."""
+    """Run the recsys_item_refresh DAG once: add new catalog items to the index of every champion/challenger bundle
+    and publish a fresh serving snapshot to their running services when anything changed."""
     _setup_logging(verbose)
+    _run_dag("recsys_item_refresh", {"source": _source_option(source)} if source else {}, "refresh", verbose)
+
+
+def _run_dag(dag_id: str, conf: dict[str, Any], command: str, verbose: bool) -> None:
+    """``airflow dags test`` of a DAG with its full log, a line per task and the summary (exit 1 when it failed)."""
     settings = load_settings()
-    conf = {"source": _source_option(source)} if source else {}
-    full_log = _full_log_path(settings, "refresh")
+    full_log = _full_log_path(settings, command)
     typer.echo(f"Full log      : {full_log}" + ("" if verbose else " (-v prints it here too)"))
     started = datetime.now(UTC)
-    returncode, run_id, attempts = _dags_test("recsys_item_refresh", conf, [], settings, full_log, verbose)
-    _report("recsys_item_refresh", run_id, returncode, attempts, full_log, settings,
-            (datetime.now(UTC) - started).total_seconds())
+    returncode, run_id, attempts = _dags_test(dag_id, conf, [], settings, full_log, verbose)
+    _report(dag_id, run_id, returncode, attempts, full_log, settings, (datetime.now(UTC) - started).total_seconds())
 
 
 @app.command()
@@ -518,39 +552,32 @@ def _served_bundle(model: str | None, version: int | None, alias: str, data: str
     return bundle, _abs(Path(data)) if data and not data.startswith(("movielens:", "synthetic")) else None
 
 
-def serving_snapshot(bundle: Any, as_of: str | None, data_dir: Path | None, rebuild: bool) -> Path:
+def serving_snapshot(bundle: Any, as_of: str | None, data_dir: Path | None, rebuild: bool, fit: str = "serving"
+                     ) -> Path:
     """The bundle's serving snapshot at ``as_of`` under ``$RECSYS_HOME/serving/``, written when missing."""
+    from pipeline_tasks.bundle.publish import serving_dir
     from pipeline_tasks.bundle.recommend import snapshot_moment, write_snapshot
     from pipeline_tasks.data.validate import to_utc
 
     at = to_utc(as_of) if as_of else snapshot_moment(bundle)
-    key = at.strftime("%Y%m%dT%H%M%S") + ("" if data_dir is None else "-" + data_dir.name)
-    target = load_settings().home / "serving" / bundle.name / f"v{bundle.version}" / f"snapshot-{key}"
+    key = at.strftime("%Y%m%dT%H%M%S") + ("" if data_dir is None else "-" + data_dir.name) + \
+        ("" if fit == "serving" else f"-{fit}")
+    target = serving_dir(bundle) / f"snapshot-{key}"
     if rebuild or not (target / "snapshot.json").exists():
-        write_snapshot(bundle, target, at, data_dir=data_dir)
+        write_snapshot(bundle, target, at, data_dir=data_dir, fit=fit)
     return target
 
 
-SNAPSHOT_POINTER = "current.json"
-
-
-def point_snapshot(snapshot_dir: Path) -> Path:
-    """Make ``snapshot_dir`` the one its version's services serve: ``current.json`` beside it, replaced atomically
-    (a running service swaps to it within ``RECSYS_REFRESH_S``). Returns the pointer's path."""
-    pointer = snapshot_dir.parent / SNAPSHOT_POINTER
-    tmp = pointer.with_name(f".{SNAPSHOT_POINTER}.{os.getpid()}")
-    tmp.write_text(json.dumps({"snapshot": str(snapshot_dir)}))
-    os.replace(tmp, pointer)
-    return pointer
-
-
 def serve_env(bundle_dir: Path, snapshot_dir: Path, state: str, epsilon: float, shown_filter: bool,
-              workers: int) -> dict[str, str]:
+              workers: int, drill: str | None = None) -> dict[str, str]:
     """The environment ``serving.service`` reads (see its docstring)."""
+    from pipeline_tasks.bundle.publish import point_snapshot
+
     env = dict(os.environ)
     env.update(RECSYS_BUNDLE_DIR=str(bundle_dir), RECSYS_SNAPSHOT_DIR=str(snapshot_dir), RECSYS_STATE=state,
                RECSYS_SNAPSHOT_POINTER=str(point_snapshot(snapshot_dir)),
                RECSYS_EPSILON=str(epsilon), RECSYS_FILTER_SHOWN="1" if shown_filter else "0",
+               RECSYS_DRILL=drill or "",
                RECSYS_HOME=str(load_settings().home),
                BENTOML_CONFIG_OPTIONS=f"services.RecsysService.workers={workers}")
     env.setdefault("RECSYS_REDIS_URL", load_settings().redis_url)
@@ -576,6 +603,11 @@ def serve(
                                                   help="serve recently shown items again")] = False,
     rebuild_snapshot: Annotated[bool, typer.Option("--rebuild-snapshot",
                                                    help="rewrite the serving snapshot")] = False,
+    fit: Annotated[str, typer.Option(help="serving (every window up to as_of) or protocol (trained up to t_test: "
+                                          "replays the test window honestly in simulations)")] = "serving",
+    drill: Annotated[str | None, typer.Option(help="canary drill, a deliberately degraded model: random_ranking "
+                                                   "(candidates in random order) or reverse_ranking (worst first)")]
+        = None,
 ) -> None:
     """Serve a registered bundle over HTTP (BentoML): POST /recommend, POST /feedback, /readyz, /metrics."""
 
@@ -587,9 +619,16 @@ def serve(
         raise _fail(f"--workers {workers}: use 1 with --state local (workers share state only through Redis)")
     if not 0.0 <= epsilon <= 1.0:
         raise _fail(f"--epsilon {epsilon}: use a probability in [0, 1]")
+    if fit not in ("serving", "protocol"):
+        raise _fail(f"--fit {fit!r}: use serving or protocol")
     bundle, data_dir = _served_bundle(model, model_version, alias, data)
-    snapshot = serving_snapshot(bundle, as_of, data_dir, rebuild_snapshot)
-    env = serve_env(bundle.path, snapshot, state, epsilon, not no_shown_filter, workers)
+    snapshot = serving_snapshot(bundle, as_of, data_dir, rebuild_snapshot, fit)
+    if drill not in (None, "random_ranking", "reverse_ranking"):
+        raise _fail(f"--drill {drill!r}: use random_ranking or reverse_ranking (or leave it out)")
+    env = serve_env(bundle.path, snapshot, state, epsilon, not no_shown_filter, workers, drill)
+    # BentoML keeps its Prometheus files in $BENTOML_HOME/prometheus_multiproc_dir and wipes it at start: each
+    # service (a canary runs three) needs its own home, or their /metrics mix and clobber each other.
+    env.setdefault("BENTOML_HOME", str(load_settings().home / "serving" / f"bentoml-{port}"))
     typer.echo(f"serving {bundle.name} version {bundle.version} on http://{host}:{port} (snapshot {snapshot})")
     bentoml = Path(sys.executable).with_name("bentoml")
     os.execve(str(bentoml), [str(bentoml), "serve", "serving.service:RecsysService", "--host", host,
@@ -609,6 +648,7 @@ def snapshot(
 ) -> None:
     """Write a new serving snapshot (history, catalog, Feast rows at --as-of) and point the version's running
     services at it: they load it in the background and swap it in within RECSYS_REFRESH_S (default 30 s)."""
+    from pipeline_tasks.bundle.publish import point_snapshot
 
     _setup_logging(False)
     disable_telemetry()
@@ -672,6 +712,212 @@ def models_promote(
     except PromotionRefusedError as exc:
         raise _fail(str(exc), code=1) from None
     typer.echo(json.dumps(moved))
+
+
+canary_app = typer.Typer(help="The canary: the challenger on a share of traffic beside the champion, promoted step by "
+                              "step or rolled back (the recsys_canary DAG), and the operator's controls.")
+app.add_typer(canary_app, name="canary")
+
+
+def _canary_model(model: str | None) -> str:
+    from pipeline_tasks.bundle.canary import resolve_model
+    from pipeline_tasks.core.errors import PermanentError
+
+    disable_telemetry()
+    try:
+        return resolve_model(model)
+    except PermanentError as exc:
+        raise _fail(str(exc)) from None
+
+
+@canary_app.command("start")
+def canary_start(
+    model: Annotated[str | None, typer.Option(help="registered model (default: the only one)")] = None,
+    challenger_version: Annotated[int | None, typer.Option(help="version to canary (default: the challenger "
+                                                                 "alias)")] = None,
+    data: Annotated[str | None, typer.Option(help="contract DIR both services serve (default: each bundle's "
+                                                  "data)")] = None,
+    steps: Annotated[str, typer.Option(help="the challenger's share at each analysed step, basis points")] =
+        "500,2500,5000",
+    mde: Annotated[float, typer.Option(help="relative minimum detectable effect on CTR")] = 0.10,
+    base_ctr: Annotated[float, typer.Option(help="the champion's expected CTR")] = 0.05,
+    max_sample: Annotated[int | None, typer.Option(help="cap each step's sample (short demo steps)")] = None,
+    challenger_drill: Annotated[str | None, typer.Option(
+        help="rehearse a rollback: random_ranking / reverse_ranking serve the challenger's candidates in random "
+             "order / worst first")] = None,
+    champion_drill: Annotated[str | None, typer.Option(help="the same for the champion (rehearse a promotion)")] =
+        None,
+    no_shown_filter: Annotated[bool, typer.Option("--no-shown-filter", help="both services serve recently shown "
+                                                  "items again (simulated users ask many times)")] = False,
+    as_of: Annotated[str | None, typer.Option(help="both services answer at this moment (a simulation replays a "
+                                                   "held-out window from its start)")] = None,
+    fit: Annotated[str, typer.Option(help="the fit both services serve: serving, or protocol (trained up to "
+                                          "t_test) to replay the test window without leakage")] = "serving",
+    base_port: Annotated[int | None, typer.Option(help="router port; the champion gets +1, the challenger +2 "
+                                                       "(default: the running router's, else 3100)")] = None,
+    no_dag: Annotated[bool, typer.Option("--no-dag", help="start the services and the router only")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="print every log line of the DAG run")] = False,
+) -> None:
+    """Start the champion's and challenger's services and the router (detached, pid files under
+    $RECSYS_HOME/canary/<model>/), then walk the challenger with the recsys_canary DAG."""
+    from pipeline_tasks.bundle.canary import (
+        DEFAULT_PORTS,
+        CanaryError,
+        check_promotable,
+        ensure_service,
+        process_info,
+        start_router,
+        url_of,
+        write_targets,
+    )
+    from pipeline_tasks.bundle.registry import PromotionRefusedError
+    from pipeline_tasks.online.bundle import aliases_of
+
+    _setup_logging(verbose)
+    name = _canary_model(model)
+    aliases = aliases_of(name)
+    champion_v = aliases.get("champion")
+    challenger_v = challenger_version or aliases.get("challenger")
+    if champion_v is None:
+        raise _fail(f"{name} has no champion yet: run `recsys run` first")
+    if challenger_v is not None:
+        try:
+            check_promotable(name, challenger_v)
+        except PromotionRefusedError as exc:
+            raise _fail(str(exc), code=1) from None
+    running = process_info(name, "router")
+    if base_port is None:
+        base_port = int(running["port"]) if running and running["alive"] else DEFAULT_PORTS["router"]
+    try:
+        shown = not no_shown_filter
+        champion = ensure_service(name, "champion", champion_v, base_port + 1, data, champion_drill, shown, as_of,
+                                  fit)
+        challenger = ensure_service(name, "challenger", challenger_v, base_port + 2, data, challenger_drill,
+                                    shown, as_of, fit) if challenger_v is not None else None
+        write_targets(name, champion, challenger, share_bp=0)
+        router = start_router(name, base_port)
+    except CanaryError as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(f"champion v{champion_v} {url_of(champion)}; " +
+               (f"challenger v{challenger_v} {url_of(challenger)}; " if challenger else "no challenger; ") +
+               f"router {url_of(router)} (send traffic there)")
+    if no_dag or challenger is None:
+        return
+    conf = {"model": name, "challenger_version": challenger_v, "steps": [int(x) for x in steps.split(",") if x],
+            "mde": mde, "base_ctr": base_ctr, "max_sample": max_sample}
+    _run_dag("recsys_canary", conf, "canary", verbose)
+
+
+@canary_app.command("status")
+def canary_status(model: Annotated[str | None, typer.Option(help="registered model")] = None) -> None:
+    """The walk's record, the router's route and the serving processes."""
+    from pipeline_tasks.bundle.canary import ROLES, process_info, read_record, route_state, url_of
+
+    name = _canary_model(model)
+    out: dict[str, Any] = {"model": name, "canary": read_record(name), "processes": {}}
+    for role in ROLES:
+        info = process_info(name, role)
+        out["processes"][role] = None if info is None else {k: info.get(k) for k in ("pid", "port", "version",
+                                                                                     "alive", "log")}
+    router = process_info(name, "router")
+    if router and router["alive"]:
+        out["route"] = route_state(url_of(router))
+    typer.echo(json.dumps(out, indent=2, default=str))
+
+
+@canary_app.command("set-share")
+def canary_set_share(
+    share_bp: Annotated[int, typer.Argument(help="the challenger's share of users in basis points (500 = 5 %)")],
+    model: Annotated[str | None, typer.Option(help="registered model")] = None,
+) -> None:
+    """Change the challenger's share at once (no restart, no request dropped)."""
+    from pipeline_tasks.bundle.canary import CanaryError, change_route, record, router_url
+
+    name = _canary_model(model)
+    try:
+        route = change_route(router_url(name), share_bp=share_bp)
+    except CanaryError as exc:
+        raise _fail(str(exc), code=1) from None
+    record(name, share_bp=share_bp)
+    typer.echo(json.dumps(route))
+
+
+@canary_app.command("promote")
+def canary_promote(
+    model: Annotated[str | None, typer.Option(help="registered model")] = None,
+    version: Annotated[int | None, typer.Option(help="the challenger version (default: the router's)")] = None,
+) -> None:
+    """100 % to the challenger and the champion alias moved to it (refused for a failed gate or a rollback)."""
+    from pipeline_tasks.bundle.canary import CanaryError, promote_challenger, route_state, router_url
+    from pipeline_tasks.bundle.registry import PromotionRefusedError
+
+    name = _canary_model(model)
+    try:
+        url = router_url(name)
+        target = version or route_state(url).get("challenger_version")
+        if not target:
+            raise CanaryError("the router has no challenger to promote")
+        out = promote_challenger(name, int(target), url)
+    except (CanaryError, PromotionRefusedError) as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(json.dumps(out, default=str))
+
+
+@canary_app.command("rollback")
+def canary_rollback(
+    model: Annotated[str | None, typer.Option(help="registered model")] = None,
+    reason: Annotated[str, typer.Option(help="why (recorded on the model version)")] = "rolled back by hand",
+) -> None:
+    """No more traffic to the challenger; its alias removed and the version tagged with the reason."""
+    from pipeline_tasks.bundle.canary import CanaryError, rollback_challenger, route_state, router_url
+
+    name = _canary_model(model)
+    try:
+        url = router_url(name)
+        target = route_state(url).get("challenger_version")
+        if not target:
+            raise CanaryError("the router has no challenger to roll back")
+        out = rollback_challenger(name, int(target), url, [reason])
+    except CanaryError as exc:
+        raise _fail(str(exc), code=1) from None
+    typer.echo(json.dumps(out, default=str))
+
+
+@canary_app.command("stop")
+def canary_stop(model: Annotated[str | None, typer.Option(help="registered model")] = None) -> None:
+    """Stop the router and both services."""
+    from pipeline_tasks.bundle.canary import ROLES, stop_process
+
+    name = _canary_model(model)
+    stopped = [role for role in ROLES if stop_process(name, role)]
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@canary_app.command("simulate")
+def canary_simulate(
+    truth: Annotated[str, typer.Option(help="held-out window: a parquet/csv with user_id, item_id (e.g. a run's "
+                                            "split/test.parquet)")],
+    requests: Annotated[int, typer.Option(help="requests to send")] = 2000,
+    url: Annotated[str | None, typer.Option(help="where to send them (default: the model's router)")] = None,
+    model: Annotated[str | None, typer.Option(help="registered model")] = None,
+    rate: Annotated[float | None, typer.Option(help="requests/s overall (default: as fast as answered)")] = None,
+    concurrency: Annotated[int, typer.Option(help="client threads")] = 4,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    next_items: Annotated[int | None, typer.Option(help="each user's truth: the first N distinct items of the "
+                                                        "window (default: all of them)")] = 10,
+) -> None:
+    """Simulated users who request recommendations and click the items they really met in the window."""
+    from pipeline_tasks.bundle.canary import CanaryError, router_url
+    from serving.simulator import simulate, window_truth
+
+    _setup_logging(False)
+    try:
+        target = url or router_url(_canary_model(model))
+    except CanaryError as exc:
+        raise _fail(str(exc), code=1) from None
+    result = simulate(target, window_truth(str(_abs(Path(truth))), max_items=next_items), requests, seed=seed,
+                      rate=rate, concurrency=concurrency)
+    typer.echo(json.dumps(result.to_dict(), indent=2))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,17 @@ runs ``bentoml serve serving.service:RecsysService``) or ``bentoml serve <bento 
 
 - ``RECSYS_BUNDLE_DIR``: the bundle directory (in a Bento: ``serving/bundle`` next to this file);
 - ``RECSYS_SNAPSHOT_DIR``: the serving snapshot (default ``<bundle>/snapshot``);
-- ``RECSYS_SNAPSHOT_POINTER``: a ``current.json`` naming the snapshot to serve (``recsys serve`` sets it; ``recsys
-  snapshot`` writes a new snapshot and moves it). Every ``RECSYS_REFRESH_S`` seconds (default 30) a background
-  thread reads it; a new snapshot is loaded beside the one in use and swapped in atomically (requests in flight
-  finish on the old one); a snapshot that fails to load is logged and counted, and the old one stays;
+- ``RECSYS_SNAPSHOT_POINTER``: a ``current.json`` naming the snapshot to serve (``recsys serve`` sets it; default
+  ``$RECSYS_HOME/serving/<model>/v<version>/current.json``, where the hourly ``recsys_item_refresh`` DAG publishes
+  a fresh snapshot when the data, the feature store or the index extensions change, and ``recsys snapshot`` writes
+  one by hand). Every ``RECSYS_REFRESH_S`` seconds (default 30) a background thread reads it; a new snapshot is
+  loaded beside the one in use and swapped in atomically with the newest index extension's items (requests in
+  flight finish on the old one); a snapshot that fails to load is logged and counted, and the old one stays;
 - ``RECSYS_FEEDBACK_DIR``: the impressions / feedback log (default ``$RECSYS_HOME/feedback/<namespace>``);
 - ``RECSYS_STATE``: ``local`` (one worker, state in process; the embedded default) or ``redis``
   (``RECSYS_REDIS_URL``; any number of workers share embedding cache, fresh events and recently-shown lists);
+- ``RECSYS_DRILL=random_ranking|reverse_ranking``: a canary drill -- serve the candidate pool in random order or
+  worst first (a deliberately degraded model, for rehearsing a rollback); unset in normal service;
 - ``RECSYS_EPSILON`` (exploration, default 0 = off), ``RECSYS_FILTER_SHOWN`` (default 1), ``RECSYS_RULES``
   (default 1).
 
@@ -39,6 +43,7 @@ log = logging.getLogger("bentoml.recsys")  # BentoML logs its own tree at INFO, 
 
 BUNDLE_IN_BENTO = Path(__file__).resolve().parent / "bundle"
 STAGES = ("state", "candidates_features", "rank_rules", "log")
+VARIANT = r"^[a-z_]+$"  # the canary router's variant (champion / challenger), logged with every event
 
 # Custom Prometheus metrics on BentoML's /metrics (workers run prometheus_client's multiprocess mode).
 requests_total = Counter("recsys_requests", "Requests by endpoint and outcome", ["endpoint", "outcome"])
@@ -103,14 +108,22 @@ class JsonBodyOnly:
         await self.app(scope, receive, send)
 
 
-def _pointed_snapshot() -> Path | None:
-    """The snapshot directory ``RECSYS_SNAPSHOT_POINTER`` names (None when unset or missing)."""
+def _pointer(bundle: Any) -> Path:
+    """``RECSYS_SNAPSHOT_POINTER``, else the version's own ``$RECSYS_HOME/serving/<model>/v<version>/current.json``
+    (where ``recsys_item_refresh`` publishes fresh snapshots)."""
+    from pipeline_tasks.bundle.publish import POINTER, serving_dir
+
+    given = os.environ.get("RECSYS_SNAPSHOT_POINTER")
+    return Path(given) if given else serving_dir(bundle) / POINTER
+
+
+def _pointed_snapshot(pointer: Path | None) -> Path | None:
+    """The snapshot directory ``pointer`` names (None when unset or missing)."""
     import json
 
-    pointer = os.environ.get("RECSYS_SNAPSHOT_POINTER")
-    if not pointer or not Path(pointer).exists():
+    if pointer is None or not pointer.exists():
         return None
-    return Path(json.loads(Path(pointer).read_text())["snapshot"])
+    return Path(json.loads(pointer.read_text())["snapshot"])
 
 
 def _flag(name: str, default: str) -> bool:
@@ -152,13 +165,21 @@ class RecsysService:
             torch.set_num_threads(1)  # one request at a time per worker: intra-op threads only add overhead
             started = time.perf_counter()
             bundle = open_bundle(_bundle_dir())
-            snapshot_dir = _pointed_snapshot() or Path(os.environ.get("RECSYS_SNAPSHOT_DIR") or
-                                                       bundle.path / "snapshot")
+            pointer = _pointer(bundle) if bundle.version else None
+            snapshot_dir = _pointed_snapshot(pointer) or Path(os.environ.get("RECSYS_SNAPSHOT_DIR") or
+                                                              bundle.path / "snapshot")
             moment, info = load_snapshot(snapshot_dir)
             if not bundle.version:  # a registry download's bundle.json has no version: the snapshot names it
                 bundle.version, bundle.name = int(info.get("version") or 0), info.get("model") or bundle.name
-            base_fit = load_fit(bundle.fit_dir(info.get("fit", "serving")))
-            fit = with_extension_items(base_fit, bundle)
+                pointer = _pointer(bundle)
+                if _pointed_snapshot(pointer) not in (None, snapshot_dir):
+                    snapshot_dir = _pointed_snapshot(pointer)
+                    moment, info = load_snapshot(snapshot_dir)
+            self._pointer_path = pointer
+            self._fit_name = info.get("fit", "serving")
+            base_fit = load_fit(bundle.fit_dir(self._fit_name))
+            # Index extensions hold serving-tower vectors: only the serving fit serves their items.
+            fit = with_extension_items(base_fit, bundle) if self._fit_name == "serving" else base_fit
             state = prepare(fit, moment)
             kind = os.environ.get("RECSYS_STATE", "local")
             if kind == "redis":
@@ -186,15 +207,15 @@ class RecsysService:
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("the service failed to load its bundle")
             return
-        if os.environ.get("RECSYS_SNAPSHOT_POINTER"):
-            threading.Thread(target=self._watch, daemon=True, name="recsys-refresh").start()
+        threading.Thread(target=self._watch, daemon=True, name="recsys-refresh").start()
 
     def _engine(self, state: Any) -> Any:
         from pipeline_tasks.online.engine import Engine
 
         return Engine(state, self._store, rules=_flag("RECSYS_RULES", "1"),
                       filter_shown=_flag("RECSYS_FILTER_SHOWN", "1"),
-                      epsilon=float(os.environ.get("RECSYS_EPSILON", "0")))
+                      epsilon=float(os.environ.get("RECSYS_EPSILON", "0")),
+                      drill=os.environ.get("RECSYS_DRILL") or None)
 
     def _watch(self) -> None:
         """Swap in the snapshot the pointer names whenever it changes (see the module docstring)."""
@@ -202,7 +223,7 @@ class RecsysService:
         while True:
             time.sleep(every)
             try:
-                target = _pointed_snapshot()
+                target = _pointed_snapshot(self._pointer_path)
                 if target is None or target == self.snapshot_dir:
                     continue
                 self.refresh(target)
@@ -220,8 +241,12 @@ class RecsysService:
         if int(info.get("version") or self.bundle.version) != self.bundle.version:
             raise ValueError(f"snapshot {snapshot_dir} is of version {info.get('version')}, this service serves "
                              f"version {self.bundle.version}")
+        if info.get("fit", "serving") != self._fit_name:
+            raise ValueError(f"snapshot {snapshot_dir} is of the {info.get('fit', 'serving')} fit, this service serves "
+                             f"the {self._fit_name} fit")
         # Items of index extensions written since the last load come with the new snapshot (the fit is not reloaded).
-        self._fit = with_extension_items(self._base_fit, self.bundle)
+        if self._fit_name == "serving":
+            self._fit = with_extension_items(self._base_fit, self.bundle)
         engine = self._engine(prepare(self._fit, moment))
         self.engine, self.snapshot_dir = engine, snapshot_dir
         snapshot_moment.set(moment.at.timestamp())
@@ -243,7 +268,8 @@ class RecsysService:
     @bentoml.api(route="/recommend")
     def recommend(self, user_id: Annotated[str, Field(min_length=1, max_length=256)],
                   num_items: Annotated[int, Field(ge=1, le=100)] = 20, context: Context | None = None,
-                  exclude: Annotated[list[str] | None, Field(max_length=1000)] = None) -> RecommendResponse:
+                  exclude: Annotated[list[str] | None, Field(max_length=1000)] = None,
+                  variant: Annotated[str | None, Field(max_length=32, pattern=VARIANT)] = None) -> RecommendResponse:
         """The user's top ``num_items``: candidates, filters, features, ranker, business rules."""
         started = time.perf_counter()
         unavailable = self._not_ready("recommend")
@@ -258,7 +284,7 @@ class RecsysService:
             self.log.append("impressions", [
                 {"request_id": request_id, "user_id": user_id, "item_id": r.item_id, "position": r.rank,
                  "score": r.score, "source": r.source, "model": self.bundle.name,
-                 "model_version": self.bundle.version} for r in answer.items])
+                 "model_version": self.bundle.version, "variant": variant} for r in answer.items])
             answer.stages_ms["log"] = (time.perf_counter() - t) * 1000
         except Exception:
             requests_total.labels(endpoint="recommend", outcome="error").inc()
@@ -284,7 +310,8 @@ class RecsysService:
                  user_id: Annotated[str, Field(min_length=1, max_length=256)],
                  item_id: Annotated[str, Field(min_length=1, max_length=256)],
                  event_type: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")],
-                 timestamp: str | None = None, context: Context | None = None) -> FeedbackResponse:
+                 timestamp: str | None = None, context: Context | None = None,
+                 variant: Annotated[str | None, Field(max_length=32, pattern=VARIANT)] = None) -> FeedbackResponse:
         """Log an event (durable before the answer) and put it into the user's history at once."""
         import pandas as pd
 
@@ -307,7 +334,7 @@ class RecsysService:
         self.log.append("feedback", [{"request_id": request_id, "user_id": user_id, "item_id": item_id,
                                       "event_type": event_type, "timestamp": ts.isoformat(),
                                       "device": ctx.get("device"), "location": ctx.get("location"),
-                                      "model_version": self.bundle.version}])
+                                      "model_version": self.bundle.version, "variant": variant}])
         for kind in self.engine.add_event(user_id, item_id, event_type, ctx):
             fallbacks.labels(kind=f"state_{kind}").inc()
         requests_total.labels(endpoint="feedback", outcome="ok").inc()

@@ -66,6 +66,22 @@ def key_figure(task: str, info: dict[str, Any]) -> str:
             return f"Bento {out['tag']}"
         if task == "refresh_items":
             return f"{out.get('status')}, {_n(out.get('added', 0))} new items"
+        if task == "plan" and "samples" in out:
+            return (f"{out['model']} v{out['challenger_version']} vs champion v{out['champion_version']}, samples "
+                    f"{out['samples']}")
+        if task.startswith("set_share_"):
+            return f"{out['share_bp'] / 100:g} % to the challenger, waiting for {out['needed']} requests"
+        if task.startswith("analyse_"):
+            b = out["counts"]["challenger"]
+            return (f"{out['decision']}: CTR {out['ctr']['rate_b']:.3f} vs {out['ctr']['rate_a']:.3f} "
+                    f"(p={out['ctr']['p_value']:.2g}, {b['requests']} challenger requests)")
+        if task.startswith("rollback") or task == "promote":
+            return out["decision"] + (f": {'; '.join(out.get('reasons') or [])}" if out.get("reasons") else "")
+        if task == "report" and "decision" in out:
+            return f"{out['decision']}: {out['report']}"
+        if task == "publish_snapshots":
+            return "; ".join(f"{e['name']} v{e['version']} {e['status']}" + (f" ({', '.join(e['changed'])})"
+                             if e.get("changed") else "") for e in out["snapshots"])
     except (KeyError, TypeError, ValueError, AttributeError):
         return ""
     return ""

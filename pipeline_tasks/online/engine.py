@@ -176,9 +176,12 @@ class Engine:
 
     def __init__(self, state: Prepared, store: StateStore | None = None, rules: bool = True,
                  filter_shown: bool = True, epsilon: float = 0.0, embedding_ttl_s: float = EMBEDDING_TTL_S,
-                 shown_ttl_s: float = SHOWN_TTL_S) -> None:
+                 shown_ttl_s: float = SHOWN_TTL_S, drill: str | None = None) -> None:
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon={epsilon}: use a probability in [0, 1]")
+        if drill not in DRILLS:
+            raise ValueError(f"drill={drill!r}: use one of {DRILLS} (None: serve normally)")
+        self.drill = drill
         self.state, self.store, self.rules = state, store, rules
         self.filter_shown, self.epsilon = filter_shown, epsilon
         self.embedding_ttl_s, self.shown_ttl_s = embedding_ttl_s, shown_ttl_s
@@ -232,8 +235,16 @@ class Engine:
                                      demographics={user: demographics} if demographics else None))
             timings["candidates_features"] = (time.perf_counter() - t1) * 1000
             t2 = time.perf_counter()
-            ranked = rank_block(self.state.fit, block, k, rules=self.rules, age_days=self.ages,
-                                exclude={user: blocked} if blocked else None)[user]
+            if self.drill:  # a deliberately degraded model (canary drills): the candidates, shuffled or worst first
+                every = rank_block(self.state.fit, block, len(block.pool), rules=False,
+                                   exclude={user: blocked} if blocked else None)[user]
+                pooled = set(block.pool[ITEM_ID].astype(str))
+                every = [pair for pair in every if pair[0] in pooled]  # no popularity fill
+                ranked = random.Random(request_id or user).sample(every, min(k, len(every))) \
+                    if self.drill == "random_ranking" else every[::-1][:k]
+            else:
+                ranked = rank_block(self.state.fit, block, k, rules=self.rules, age_days=self.ages,
+                                    exclude={user: blocked} if blocked else None)[user]
             timings["rank_rules"] = (time.perf_counter() - t2) * 1000
         if self.epsilon > 0:
             ranked = explore(ranked, self.epsilon, random.Random(request_id or user))
@@ -273,6 +284,10 @@ class Engine:
         guarded("add_event", str(user_id), event)
         guarded("drop_vector", str(user_id))
         return failures
+
+
+# Canary drills: serve a deliberately degraded ranking of the candidates (random order, or the ranker's worst first).
+DRILLS = (None, "random_ranking", "reverse_ranking")
 
 
 def explore(ranked: list[tuple[str, float]], epsilon: float, rng: random.Random) -> list[tuple[str, float]]:

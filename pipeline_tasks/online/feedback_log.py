@@ -2,7 +2,8 @@
 
 Layout: ``<root>/<table>/date=YYYY-MM-DD/part-<host>-<pid>.jsonl``, one JSON object per line; tables
 ``feedback`` (every ``/feedback`` event) and ``impressions`` (every served item: request id, user, item,
-position, model version). Each process appends to its own files, so workers never interleave lines.
+position, model version, variant); the canary router writes ``ab_requests`` and ``ab_feedback`` (each with its
+variant) to a log of its own. Each process appends to its own files, so workers never interleave lines.
 
 Flush policy: a call to :meth:`FeedbackLog.append` hands its lines to the operating system in one ``write``
 on an ``O_APPEND`` descriptor before it returns, so an acknowledged event survives ``kill -9`` of the service
@@ -32,8 +33,8 @@ from pipeline_tasks.core.constants import EVENT_TYPE, EVENT_TYPES, ITEM_ID, TIME
 
 log = logging.getLogger(__name__)
 
-TABLES = ("feedback", "impressions")
-DURABLE = frozenset({"feedback"})  # fsync-ed before append returns
+TABLES = ("feedback", "impressions", "ab_requests", "ab_feedback")  # ab_*: the canary router's own log
+DURABLE = frozenset({"feedback", "ab_feedback"})  # fsync-ed before append returns
 
 
 class FeedbackLog:

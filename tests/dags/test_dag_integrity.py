@@ -106,9 +106,23 @@ def test_no_cycles_and_training_graph(dagbag):
 
 def test_item_refresh_dag(dagbag):
     dag = dagbag.dags["recsys_item_refresh"]
-    assert [t.task_id for t in dag.tasks] == ["refresh_items"]
+    assert [t.task_id for t in dag.tasks] == ["refresh_items", "publish_snapshots"]
+    publish = dag.get_task("publish_snapshots")
+    assert publish.upstream_task_ids == {"refresh_items"} and publish.trigger_rule == "all_done"
     assert dag.schedule == "@hourly", dag.schedule
     assert dag.params.get_param("source").description
+
+
+def test_canary_dag_walks_steps_and_branches_to_rollback(dagbag):
+    dag = dagbag.dags["recsys_canary"]
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["recsys_challenger"]  # scheduled by it
+    for i in (1, 2, 3):
+        assert dag.get_task(f"wait_{i}").mode == "reschedule"  # no worker slot held while the sample comes in
+        assert dag.get_task(f"analyse_{i}").downstream_task_ids == (
+            {f"rollback_{i}", f"set_share_{i + 1}"} if i < 3 else {"rollback_3", "promote"})
+    assert dag.get_task("report").upstream_task_ids >= {"promote", "rollback_1", "rollback_2", "rollback_3"}
+    training = dagbag.dags["recsys_training"]
+    assert [o.name for o in training.get_task("register").outlets] == ["recsys_challenger"]
 
 
 def test_params_have_descriptions(dagbag):

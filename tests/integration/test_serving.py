@@ -389,6 +389,15 @@ def test_production_profile_shares_state_in_redis(ml100k_run, tmp_path_factory):
             known = str(ml100k_run.registered["version"])
             first = _first_answer(client, {"user_id": "1", "num_items": 10})
             assert first["model_version"] == int(known)
+            # With the same RECSYS_HOME the Bento follows its version's current.json (where the hourly refresh
+            # publishes), else it serves the snapshot built into it.
+            from pipeline_tasks.bundle.publish import pointed_snapshot, serving_dir
+            from pipeline_tasks.online.bundle import load_bundle
+
+            bundle = load_bundle(ml100k_run.registered["model"], version=int(known))
+            pointed = pointed_snapshot(serving_dir(bundle))
+            moment = pd.Timestamp(pointed[1]["at"] if pointed else bundle.meta["as_of"]).timestamp()
+            assert _metric(client, "recsys_snapshot_moment_seconds") == moment
             again = _post(client, "/recommend", {"user_id": "1", "num_items": 10}).json()
             assert not {i["item_id"] for i in first["items"]} & {i["item_id"] for i in again["items"]}
             for k in range(6):

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from pipeline_tasks.cli import app
 
 runner = CliRunner()
-COMMANDS = ["run", "refresh", "ui", "env", "generate", "validate", "split", "recommend", "serve", "snapshot", "models"]
+COMMANDS = ["canary", "run", "refresh", "ui", "env", "generate", "validate", "split", "recommend", "serve", "snapshot",
+            "models"]
 
 
 def _click_commands() -> dict:
