@@ -904,7 +904,7 @@ def canary_simulate(
     concurrency: Annotated[int, typer.Option(help="client threads")] = 4,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     next_items: Annotated[int | None, typer.Option(help="each user's truth: the first N distinct items of the "
-                                                        "window (default: all of them)")] = 10,
+                                                        "window (default: all of them)")] = None,
 ) -> None:
     """Simulated users who request recommendations and click the items they really met in the window."""
     from pipeline_tasks.bundle.canary import CanaryError, router_url

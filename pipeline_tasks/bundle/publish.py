@@ -142,6 +142,17 @@ def _contract_dir(source: str | None) -> Path | None:
         else None
 
 
+def _training_dir(bundle: Bundle) -> Path | None:
+    """The version's training source when it is a contract directory (None when it records none)."""
+    from pipeline_tasks.core.errors import InvalidParamsError
+    from pipeline_tasks.retrieval.refresh import bundle_catalog
+
+    try:
+        return _contract_dir(bundle_catalog(bundle).get("source"))
+    except InvalidParamsError:
+        return None
+
+
 def _served_data(bundle: Bundle, settings: Settings) -> Path | None:
     """The contract directory the version's services were started on (``recsys serve --data``), if any."""
     current = pointed_snapshot(serving_dir(bundle, settings))
@@ -157,7 +168,7 @@ def publish_snapshots(out_dir: str | Path, source: str | None = None,
     contract directory, else the one the version's services were started on (``recsys serve --data``), else the
     version's training source when that is a contract directory, else the bundle's accepted data.
     If one version fails, the others are still published and the first error is raised."""
-    from pipeline_tasks.retrieval.refresh import bundle_catalog, live_versions
+    from pipeline_tasks.retrieval.refresh import live_versions
 
     settings = settings or load_settings()
     entries, errors = [], []
@@ -167,8 +178,7 @@ def publish_snapshots(out_dir: str | Path, source: str | None = None,
     for name, version, aliases in live:
         try:
             bundle = load_bundle(name, version=version, settings=settings)
-            data_dir = _contract_dir(source) or _served_data(bundle, settings) or \
-                _contract_dir(bundle_catalog(bundle).get("source"))
+            data_dir = _contract_dir(source) or _served_data(bundle, settings) or _training_dir(bundle)
             entries.append({**publish_snapshot(bundle, data_dir, settings), "aliases": aliases})
         except Exception as exc:  # one broken version must not keep the others stale
             log.error("publishing the serving snapshot of %s version %d failed: %s", name, version, exc)

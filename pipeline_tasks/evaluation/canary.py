@@ -20,7 +20,7 @@ served per request served). The challenger is compared with the champion by the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -50,8 +50,6 @@ class CanaryConfig:
     min_coverage_ratio: float = 0.5  # challenger / champion distinct items per request
     min_sample: int = 0  # a floor for each step's sample (tests use large effects and small samples)
     max_sample: int | None = None  # a cap (a demo's short steps); None: the computed sample
-    salt: str = "recsys"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.steps or any(not 0 < s < 10_000 for s in self.steps) or list(self.steps) != sorted(self.steps):

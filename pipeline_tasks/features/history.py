@@ -28,6 +28,12 @@ PIT_CHUNK_ROWS = 1_000_000  # entity rows per offline-store query (bounds memory
 ROW_ID = "recsys_row_id"  # carried through the offline store's join to restore the request order
 
 
+def _sink() -> io.TextIOWrapper:
+    """Where Feast's progress output goes: discarded. A text stream over bytes (not a StringIO), because a warning
+    raised meanwhile reaches Airflow's task logger, which writes to ``sys.stdout.buffer``."""
+    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+
+
 def attach_by_row_id(requests: pd.DataFrame, features: pd.DataFrame, feature_columns: Sequence[str]) -> pd.DataFrame:
     """The caller's rows, in their order and index, then ``feature_columns`` taken from ``features`` by row id.
 
@@ -111,7 +117,7 @@ def training_set(entity_rows: pd.DataFrame, feature_service: str, settings: Sett
     # In chunks: the store's answer carries every request column again, so memory grows with the chunk,
     # not with the whole request (5 M rows at once peaked at 12.6 GB; see tests/benchmarks/bench_point_in_time.py).
     for start in range(0, len(request), chunk_rows):
-        with contextlib.redirect_stdout(io.StringIO()):  # Feast prints progress; the task log gets the summary
+        with contextlib.redirect_stdout(_sink()):  # Feast prints progress; the task log gets the summary
             answer = store.get_historical_features(entity_df=request.iloc[start:start + chunk_rows],
                                                    features=service).to_df()
         parts.append(with_dtypes(answer[[ROW_ID, *feature_columns]], views))
