@@ -172,8 +172,9 @@ class RecsysService:
             if not bundle.version:  # a registry download's bundle.json has no version: the snapshot names it
                 bundle.version, bundle.name = int(info.get("version") or 0), info.get("model") or bundle.name
                 pointer = _pointer(bundle)
-                if _pointed_snapshot(pointer) not in (None, snapshot_dir):
-                    snapshot_dir = _pointed_snapshot(pointer)
+                pointed = _pointed_snapshot(pointer)
+                if pointed not in (None, snapshot_dir):  # the version's current snapshot, not the one built in
+                    snapshot_dir = pointed
                     moment, info = load_snapshot(snapshot_dir)
             self._pointer_path = pointer
             self._fit_name = info.get("fit", "serving")

@@ -318,10 +318,11 @@ def promote_challenger(model: str, version: int, url: str, settings: Settings | 
     from pipeline_tasks.bundle.registry import promote
 
     check_promotable(model, version, settings)
-    state = change_route(url, share_bp=10_000) if route_state(url).get("challenger_url") else route_state(url)
-    if state.get("challenger_version") != version:
-        raise CanaryError(f"the router's challenger is version {state.get('challenger_version')}, not {version}: "
+    current = route_state(url).get("challenger_version")
+    if current != version:
+        raise CanaryError(f"the router's challenger is version {current}, not {version}: "
                           "`recsys canary start --challenger-version` it first")
+    state = change_route(url, share_bp=10_000)
     moved = promote(model, version, settings)
     route = change_route(url, champion_url=state["challenger_url"], champion_version=version, clear_challenger=True)
     stop_process(model, "champion", settings)  # the challenger's process is the champion's now

@@ -29,7 +29,6 @@ from typing import Any
 import pandas as pd
 
 from pipeline_tasks.bundle.recommend import newest_snapshot_end, snapshot_moment, write_snapshot
-from pipeline_tasks.core.constants import TIMESTAMP
 from pipeline_tasks.core.settings import Settings, load_settings
 from pipeline_tasks.online.bundle import Bundle, load_bundle
 from pipeline_tasks.online.index import serving_index_dir
@@ -69,12 +68,11 @@ def pointed_snapshot(version_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def data_moment(bundle: Bundle, data_dir: Path | None) -> pd.Timestamp:
     """The moment a fresh snapshot answers at: 1 s after the data's newest event, never before the bundle's as_of."""
-    from pipeline_tasks.data.contract import read_contract_dir
+    from pipeline_tasks.data.contract import newest_event
 
-    source = data_dir if data_dir is not None else Path(bundle.meta["accepted_dir"])
-    stamps = pd.to_datetime(read_contract_dir(source).interactions[TIMESTAMP], utc=True)
+    newest = newest_event(data_dir if data_dir is not None else Path(bundle.meta["accepted_dir"]))
     base = snapshot_moment(bundle)
-    return max(base, stamps.max() + pd.Timedelta(seconds=1)) if len(stamps) else base
+    return base if newest is None else max(base, newest + pd.Timedelta(seconds=1))
 
 
 def snapshot_key(bundle: Bundle, data_dir: Path | None, settings: Settings | None = None) -> dict[str, str]:
@@ -136,10 +134,11 @@ def _prune(root: Path, keep: Path) -> None:
 
 def _contract_dir(source: str | None) -> Path | None:
     """``source`` as a contract directory (one holding an interactions table), else None."""
+    from pipeline_tasks.data.contract import find_table
+
     if not source or not Path(source).is_dir():
         return None
-    return Path(source) if any((Path(source) / f"interactions.{ext}").exists() for ext in ("parquet", "csv")) \
-        else None
+    return Path(source) if find_table(Path(source), "interactions") else None
 
 
 def _training_dir(bundle: Bundle) -> Path | None:

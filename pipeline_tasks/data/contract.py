@@ -172,7 +172,8 @@ def empty_users() -> pd.DataFrame:
     return normalise_users(pd.DataFrame({USER_ID: pd.Series([], dtype=object)}))
 
 
-def _find(directory: Path, name: str) -> Path | None:
+def find_table(directory: Path, name: str) -> Path | None:
+    """The contract table ``name`` in ``directory`` (parquet, else csv), or None."""
     for ext in (".parquet", ".csv"):
         p = directory / f"{name}{ext}"
         if p.exists():
@@ -221,13 +222,24 @@ def _read(path: Path) -> pd.DataFrame:
     return read_table(path)
 
 
+def newest_event(directory: str | Path) -> pd.Timestamp | None:
+    """The newest interaction time of a contract directory, reading only the timestamp column (None: no events)."""
+    path = find_table(Path(directory), "interactions")
+    if path is None:
+        raise ContractError(f"{directory}: no interactions.parquet (or .csv); see DATA_CONTRACT.md")
+    column = pd.read_parquet(path, columns=[TIMESTAMP]) if path.suffix == ".parquet" else \
+        pd.read_csv(path, usecols=[TIMESTAMP], dtype=str, keep_default_na=False, na_values=[""])
+    newest = parse_timestamps(column[TIMESTAMP]).max()
+    return None if pd.isna(newest) else newest
+
+
 def read_contract_dir(directory: str | Path) -> ContractTables:
     """Read a directory holding the contract tables as parquet or csv and normalise them."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ContractError(f"{directory}: not a directory; give a folder holding interactions.parquet|csv, "
                             "items.parquet|csv and optionally users.parquet|csv")
-    paths = {name: _find(directory, name) for name in TABLES}
+    paths = {name: find_table(directory, name) for name in TABLES}
     missing = [name for name in REQUIRED_TABLES if paths[name] is None]
     if missing:
         raise ContractError(

@@ -33,3 +33,13 @@ def test_pointer_round_trip(tmp_path):
     (snap / "snapshot.json").write_text(json.dumps({"published": KEY}))
     assert pointed_snapshot(tmp_path / "v1") == (snap, {"published": KEY})
     assert not list((tmp_path / "v1").glob(".current.json.*"))  # written under a temporary name, then renamed
+
+
+def test_newest_event_reads_the_timestamp_column(tmp_path):
+    import pandas as pd
+
+    from pipeline_tasks.data.contract import newest_event
+
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,timestamp,event_type\n1,a,2024-01-02T00:00:00Z,"
+                                               "view\n1,b,1704326400,click\n2,a,not a time,view\n")
+    assert newest_event(tmp_path) == pd.Timestamp("2024-01-04", tz="UTC")  # epoch seconds count; junk is skipped
