@@ -154,19 +154,20 @@ class _Progress:
 
 
 def _dags_test(dag_id: str, conf: dict[str, Any], extra: list[str], settings: Any, full_log: Path,
-               verbose: bool) -> tuple[int, str | None, list[TaskAttempt]]:
+               verbose: bool, logical_date: str | None = None) -> tuple[int, str | None, list[TaskAttempt]]:
     """``airflow dags test DAG_ID`` on the shared AIRFLOW_HOME, its output routed by :class:`DagTestLog`.
 
     Every line goes to ``full_log`` (and to the console with ``verbose``); each task's lines go to its
     Airflow log file, so the UI shows them; a line per finished task is printed. Returns the exit code,
-    the run id and the task attempts.
+    the run id and the task attempts. ``logical_date`` (default now): a queued run with that logical date (one a
+    ``TriggerDagRunOperator`` created) is replaced by this run, with the conf given here.
     """
     env = airflow_env(settings)
     os.environ.update({k: env[k] for k in ("RECSYS_HOME", "AIRFLOW_HOME")})
     ensure_airflow_home(env)
     env["AIRFLOW__LOGGING__JSON_LOGS"] = "True"  # the lines a worker writes to a task log file
     env["AIRFLOW__LOGGING__COLORED_CONSOLE_LOG"] = "False"
-    logical_date = datetime.now(UTC).isoformat()
+    logical_date = logical_date or datetime.now(UTC).isoformat()
     cmd = [str(Path(sys.executable).parent / "airflow"), "dags", "test", dag_id, logical_date,
            "--conf", json.dumps(conf), *extra]
     typer.echo(f"Running DAG {dag_id} with `airflow dags test` (logical date {logical_date}) ...")
@@ -369,14 +370,101 @@ def refresh(
     _run_dag("recsys_item_refresh", {"source": _source_option(source)} if source else {}, "refresh", verbose)
 
 
-def _run_dag(dag_id: str, conf: dict[str, Any], command: str, verbose: bool) -> None:
-    """``airflow dags test`` of a DAG with its full log, a line per task and the summary (exit 1 when it failed)."""
+def _run_dag(dag_id: str, conf: dict[str, Any], command: str, verbose: bool) -> str | None:
+    """``airflow dags test`` of a DAG with its full log, a line per task and the summary (exit 1 when it failed);
+    returns the run id."""
     settings = load_settings()
     full_log = _full_log_path(settings, command)
     typer.echo(f"Full log      : {full_log}" + ("" if verbose else " (-v prints it here too)"))
     started = datetime.now(UTC)
     returncode, run_id, attempts = _dags_test(dag_id, conf, [], settings, full_log, verbose)
     _report(dag_id, run_id, returncode, attempts, full_log, settings, (datetime.now(UTC) - started).total_seconds())
+    return run_id
+
+
+@app.command()
+def drift(
+    model: Annotated[str | None, typer.Option(help="registered model (default: every model with a champion)")]
+    = None,
+    window_days: Annotated[float | None, typer.Option(help="feedback logged in the last this many days (default 1)")]
+    = None,
+    threshold: Annotated[float | None, typer.Option(help="PSI above which a feature drifted (default 0.2)")] = None,
+    min_events: Annotated[int | None, typer.Option(help="fewer events in the window: no verdict (default 200)")]
+    = None,
+    features: Annotated[str | None, typer.Option(
+        help="comma-separated features to compare (default all: event_type, device, category, hour, value, "
+             "item_popularity, user_activity)")] = None,
+    retrain: Annotated[bool, typer.Option(
+        "--retrain", help="retrain a model whose served traffic drifted (recsys_training with the champion's "
+                          "params plus the feedback log)")] = False,
+    run_triggered: Annotated[bool, typer.Option(
+        "--run-triggered/--no-run-triggered",
+        help="when no scheduler runs, run a triggered training run here at once (else it stays queued)")] = True,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="print every log line of the run (always written to the full log file)")] = False,
+) -> None:
+    """Run the recsys_served_drift DAG once: PSI of the services' feedback log against each champion's training
+    data, an HTML report per model; with --retrain, a drifted model is retrained (in place when no scheduler runs)."""
+    from pipeline_tasks.core.errors import PermanentError
+    from pipeline_tasks.evaluation.served_drift import ServedDriftConfig
+
+    _setup_logging(verbose)
+    conf: dict[str, Any] = {"model": model, "window_days": window_days, "threshold": threshold,
+                            "min_events": min_events, "retrain": retrain,
+                            "features": [f.strip() for f in features.split(",") if f.strip()] if features else None}
+    conf = {k: v for k, v in conf.items() if v is not None}
+    try:
+        ServedDriftConfig.from_params(conf)
+    except PermanentError as exc:
+        raise _fail(str(exc)) from None
+    settings = load_settings()
+    run_id = _run_dag("recsys_served_drift", conf, "drift", verbose)
+    _run_triggered(run_id, settings, verbose, run_here=run_triggered)
+
+
+def _scheduler_alive(env: dict[str, str]) -> bool:
+    """Whether an Airflow scheduler heartbeats on this AIRFLOW_HOME's database (`airflow jobs check`)."""
+    return _airflow(["jobs", "check", "--job-type", "SchedulerJob", "--limit", "1"], env, capture=True).returncode == 0
+
+
+def _run_triggered(drift_run_id: str | None, settings: Any, verbose: bool, run_here: bool = True) -> None:
+    """The recsys_training runs a served-drift run triggered: left to the scheduler when one runs, else each run in
+    place (`airflow dags test` at its logical date, which replaces the queued run) under the run lock."""
+    from pipeline_tasks.core.run_lock import run_lock
+    from pipeline_tasks.core.runs import MANIFEST
+    from pipeline_tasks.core.runs import run_dir as _run_dir
+
+    path = _run_dir(drift_run_id, settings) / MANIFEST if drift_run_id else None
+    if path is None or not path.exists():
+        return
+    outputs = ((json.loads(path.read_text()).get("tasks") or {}).get("served_drift") or {}).get("outputs") or {}
+    for model, res in (outputs.get("models") or {}).items():
+        where = res.get("report_html") or res.get("message", "")
+        typer.echo(f"Served drift  : {model}: {res['status']}" + (f" {res['flagged']}" if res.get("flagged") else "")
+                   + f" -- {where}")
+    triggered = outputs.get("trigger") or []
+    if not triggered:
+        return
+    env = airflow_env(settings)
+    if not run_here or _scheduler_alive(env):
+        who = "the running scheduler starts it (unpause recsys_training in the UI if it is paused)" if run_here \
+            else "a scheduler starts it (`recsys ui`, unpause recsys_training), or `recsys drift` without " \
+                 "--no-run-triggered runs it here"
+        for t in triggered:
+            typer.echo(f"Retraining    : recsys_training run {t['trigger_run_id']} is queued; {who}")
+        return
+    for t in triggered:
+        typer.echo(f"Retraining    : no scheduler runs; running the triggered recsys_training run in place "
+                   f"(logical date {t['logical_date']}, source {t['conf'].get('source')} + feedback log "
+                   f"{t['conf'].get('feedback_log')})")
+        full_log = _full_log_path(settings, "drift-retrain")
+        started = datetime.now(UTC)
+        with run_lock(settings.home, {"source": t["conf"].get("source"), "log": str(full_log)}, wait=True):
+            returncode, run_id, attempts = _dags_test(DAG_ID, t["conf"], [], settings, full_log, verbose,
+                                                      logical_date=t["logical_date"])
+        _report(DAG_ID, run_id, returncode, attempts, full_log, settings,
+                (datetime.now(UTC) - started).total_seconds())
+        _start_canary(run_id, settings)
 
 
 @app.command()

@@ -159,6 +159,7 @@ class RecsysService:
             from pipeline_tasks.online.bundle import open_bundle
             from pipeline_tasks.online.engine import LocalState
             from pipeline_tasks.online.feedback_log import FeedbackLog
+            from pipeline_tasks.online.feedback_log import feedback_dir as served_feedback_dir
             from pipeline_tasks.online.snapshot import load_snapshot
             from pipeline_tasks.online.two_stage import load_fit, prepare, with_extension_items
 
@@ -196,8 +197,7 @@ class RecsysService:
             self.engine = self._engine(state)
             snapshot_moment.set(moment.at.timestamp())
             settings = load_settings()
-            feedback_dir = os.environ.get("RECSYS_FEEDBACK_DIR") or \
-                settings.home / "feedback" / bundle.meta.get("namespace", "default")
+            feedback_dir = served_feedback_dir(bundle.meta.get("namespace", "default"), settings)
             self.log = FeedbackLog(feedback_dir)
             self.bundle = bundle
             model_info.labels(model=bundle.name).set(bundle.version)

@@ -187,7 +187,9 @@ def ensure_service(model: str, role: str, version: int, port: int | None = None,
     if info and info["alive"]:
         stop_process(model, role, settings)
     port = port or (info or {}).get("port") or DEFAULT_PORTS[role]
-    env = {**os.environ, "RECSYS_FEEDBACK_DIR": str(canary_dir(model, settings) / f"feedback-{role}")}
+    # Feedback goes to the namespace's log ($RECSYS_HOME/feedback/<namespace>, each line with its variant and
+    # version) like any service's: the served-traffic drift check and `recsys run --feedback-log` read it there.
+    env = dict(os.environ)
     info = start_process(model, role, serve_cmd(model, version, port, data, drill, shown_filter, as_of, fit), port,
                          version, env, settings)
     seconds = wait_ready(url_of(info), pid=int(info["pid"]), log_path=info["log"])

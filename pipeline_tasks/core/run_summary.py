@@ -41,6 +41,12 @@ def key_figure(task: str, info: dict[str, Any]) -> str:
             worst = max(out["psi"].items(), key=lambda kv: kv[1]) if out.get("psi") else None
             top = f"max PSI {worst[1]:.3f} ({worst[0]})" if worst else "no PSI"
             return f"drifted: {', '.join(out['flagged'])}; {top}" if out.get("flagged") else f"no drift; {top}"
+        if task == "served_drift":
+            verdicts = [f"{m} {r['status']}" + (f" ({', '.join(r['flagged'])})" if r.get("flagged") else "")
+                        + (f", {_n(r['events'])} events" if "events" in r else "")
+                        for m, r in out["models"].items()]
+            retrain = f"; retraining {len(out['trigger'])} model(s)" if out.get("trigger") else ""
+            return ("; ".join(verdicts) or "no model with a champion") + retrain
         if task == "train_two_tower":
             test = out["test"]
             return ", ".join(f"{m} {HEADLINE_METRIC} {v[HEADLINE_METRIC]:.3f}" for m, v in test.items())
@@ -138,7 +144,7 @@ def summary_lines(manifest: dict[str, Any], manifest_path: Path, mlflow_uri: str
              f"  run directory : {manifest['run_dir']}",
              f"  manifest      : {manifest_path}"]
     config = manifest.get("config") or {}
-    if config:
+    if config.get("source"):
         lines.append(f"  data source   : {config.get('source')} (namespace {config.get('namespace')})")
     tasks = manifest.get("tasks", {})
     for task, info in tasks.items():

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -226,6 +227,7 @@ def drift_check(
     config: DriftConfig,
     extra_reference: pd.DataFrame | None = None,
     extra_current: pd.DataFrame | None = None,
+    monitored: Sequence[str] | None = None,
 ) -> DriftResult:
     """Compare ``current`` with ``reference`` by PSI per feature; write the HTML and JSON report.
 
@@ -239,6 +241,7 @@ def drift_check(
             snapshots); the numeric columns it shares with ``extra_current`` are monitored too
             (see :func:`extra_feature_columns`).
         extra_current: the same for the current window.
+        monitored: the built-in features to compare (default: all of :data:`FEATURES`).
 
     Returns:
         ``report_html`` and ``report_json`` (paths as strings), the ``flagged`` feature names and
@@ -267,7 +270,11 @@ def drift_check(
     ref, ref_rows = _window_rows(reference, items, popularity, extra_reference, extra_cols, config, window=0)
     cur, cur_rows = _window_rows(current, items, popularity, extra_current, extra_cols, config, window=1)
 
-    kinds = {**{name: kind for name, (kind, _) in FEATURES.items()}, **dict.fromkeys(extra_cols.values(), NUMERIC)}
+    unknown = sorted(set(monitored or ()) - set(FEATURES))
+    if unknown:
+        raise ValueError(f"drift check: unknown features {unknown}; known: {sorted(FEATURES)}")
+    kinds = {**{name: kind for name, (kind, _) in FEATURES.items() if monitored is None or name in monitored},
+             **dict.fromkeys(extra_cols.values(), NUMERIC)}
     skipped = {c: why for c, k in kinds.items() if (why := skip_reason(ref[c], cur[c], k)) is not None}
     for name, why in skipped.items():  # a source without the column is normal; losing it in one window is not
         log.log(logging.INFO if "both" in why or "either" in why else logging.WARNING,

@@ -30,11 +30,18 @@ from typing import Any
 import pandas as pd
 
 from pipeline_tasks.core.constants import EVENT_TYPE, EVENT_TYPES, ITEM_ID, TIMESTAMP, USER_ID
+from pipeline_tasks.core.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
 TABLES = ("feedback", "impressions", "ab_requests", "ab_feedback")  # ab_*: the canary router's own log
 DURABLE = frozenset({"feedback", "ab_feedback"})  # fsync-ed before append returns
+
+
+def feedback_dir(namespace: str, settings: Settings | None = None) -> Path:
+    """Where the services of a namespace log impressions and feedback (``RECSYS_FEEDBACK_DIR`` overrides it)."""
+    override = os.environ.get("RECSYS_FEEDBACK_DIR")
+    return Path(override) if override else (settings or load_settings()).home / "feedback" / namespace
 
 
 class FeedbackLog:

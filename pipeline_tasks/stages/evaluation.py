@@ -81,3 +81,39 @@ def drift_check_stage(run_id: str, validated: ValidationResult, split: SplitResu
                                  reference_path=reference_path, **extra)
 
     return run_stage(run_id, "drift_check", work)
+
+
+def served_drift_stage(run_id: str, params: dict | None) -> dict:
+    """The ``served_drift`` task: every champion's (or the ``model`` param's) served feedback against its training
+    data; returns the per-model results and ``trigger``, the ``recsys_training`` runs to start (kwargs of the
+    mapped ``TriggerDagRunOperator``: ``conf``, ``logical_date``, ``trigger_run_id``)."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline_tasks.core.runs import start_run
+    from pipeline_tasks.core.settings import load_settings
+    from pipeline_tasks.evaluation.served_drift import ServedDriftConfig, served_drift
+    from pipeline_tasks.online.bundle import aliases_of, registered_models
+
+    p = dict(params or {})
+    config = ServedDriftConfig.from_params(p)
+    start_run(run_id, config=p)
+
+    def work(out_dir: Path) -> dict:
+        settings = load_settings()
+        models = [p["model"]] if p.get("model") else [m for m in registered_models(settings)
+                                                     if "champion" in aliases_of(m, settings)]
+        now = datetime.now(UTC)
+        results = {m: served_drift(m, out_dir / m, config, now=now, settings=settings) for m in models}
+        trigger = []
+        for i, (model, res) in enumerate(sorted(results.items())):
+            if "retrain_params" in res:
+                moment = (now + timedelta(microseconds=i)).isoformat()  # one logical date per triggered run
+                trigger.append({"conf": res["retrain_params"], "logical_date": moment,
+                                "trigger_run_id": f"served_drift__{model}__{moment}"})
+        if not models:
+            log.info("served drift: no registered model has a champion; nothing is served to compare")
+        return {"models": {m: {k: v for k, v in r.items() if k != "retrain_params"} for m, r in results.items()},
+                "drifted": sorted(m for m, r in results.items() if r["status"] == "drift"),
+                "trigger": trigger}
+
+    return run_stage(run_id, "served_drift", work)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from pipeline_tasks.cli import app
 
 runner = CliRunner()
-COMMANDS = ["canary", "run", "refresh", "ui", "env", "generate", "validate", "split", "recommend", "serve", "snapshot",
-            "models"]
+COMMANDS = ["canary", "run", "refresh", "drift", "ui", "env", "generate", "validate", "split", "recommend", "serve",
+            "snapshot", "models"]
 
 
 def _click_commands() -> dict:
@@ -265,3 +265,64 @@ def test_every_path_argument_accepts_relative_paths(monkeypatch, tmp_path):
     res = runner.invoke(app, ["run", "--data", "movielens:ml"])
     assert res.exit_code == 0, res.output
     assert confs[2]["source"] == f"movielens:{ml}"
+
+
+def _registered(tmp_path, monkeypatch, alias: str) -> tuple[object, str]:
+    """A run whose register task registered version 2 of recsys_x with ``alias`` (its manifest, as register writes
+    it), on a fresh RECSYS_HOME."""
+    import json
+
+    from pipeline_tasks.core.runs import MANIFEST, run_dir
+    from pipeline_tasks.core.settings import load_settings
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    settings = load_settings()
+    run_id = "manual__2026-12-01T00:00:00+00:00"
+    root = run_dir(run_id, settings)
+    root.mkdir(parents=True)
+    (root / MANIFEST).write_text(json.dumps({"tasks": {"register": {"status": "success", "outputs": {
+        "model": "recsys_x", "version": 2, "alias": alias, "gate": "passed"}}}}))
+    return settings, run_id
+
+
+def test_run_starts_the_canary_walk_when_a_challenger_is_registered_and_the_router_runs(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """`recsys run` after register: a challenger with a live router starts `recsys canary start` detached; without
+    a router it says how to start one; a new champion (first model) starts nothing."""
+    import json
+    import os
+
+    import pipeline_tasks.cli as cli
+    from pipeline_tasks.bundle.canary import canary_dir
+
+    started: list[list[str]] = []
+
+    class Spawn:
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+            assert kwargs["start_new_session"] and kwargs["stdin"] is not None  # detached from the run's terminal
+
+    monkeypatch.setattr(cli.subprocess, "Popen", Spawn)
+    settings, run_id = _registered(tmp_path, monkeypatch, "challenger")
+    cli._start_canary(run_id, settings)
+    assert not started and "recsys canary start --model recsys_x" in capsys.readouterr().out  # no router
+
+    router = canary_dir("recsys_x", settings) / "router.json"
+    router.parent.mkdir(parents=True)
+    router.write_text(json.dumps({"pid": os.getpid(), "port": 1, "role": "router"}))  # a live process
+    cli._start_canary(run_id, settings)
+    assert started == [[cli.sys.executable, "-m", "pipeline_tasks.cli", "canary", "start", "--model", "recsys_x",
+                        "--challenger-version", "2"]]
+    assert "is walking 5 -> 25 -> 50 -> 100 %" in capsys.readouterr().out
+
+    started.clear()
+    settings, run_id = _registered(tmp_path / "b", monkeypatch, "champion")
+    cli._start_canary(run_id, settings)
+    assert not started and capsys.readouterr().out == ""
+
+
+def test_drift_refuses_bad_params_before_airflow_starts():
+    res = runner.invoke(app, ["drift", "--features", "event_type,colour"])
+    assert res.exit_code == 2 and "colour" in res.output
+    res = runner.invoke(app, ["drift", "--window-days", "0"])
+    assert res.exit_code == 2 and "window_days" in res.output
