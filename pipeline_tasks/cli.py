@@ -856,6 +856,7 @@ def canary_start(
         process_info,
         start_router,
         url_of,
+        wait_service,
         write_targets,
     )
     from pipeline_tasks.bundle.registry import PromotionRefusedError
@@ -878,12 +879,16 @@ def canary_start(
         base_port = int(running["port"]) if running and running["alive"] else DEFAULT_PORTS["router"]
     try:
         shown = not no_shown_filter
+        # The three start before any is waited for: the services load their bundles at the same time.
         champion = ensure_service(name, "champion", champion_v, base_port + 1, data, champion_drill, shown, as_of,
-                                  fit)
+                                  fit, wait=False)
         challenger = ensure_service(name, "challenger", challenger_v, base_port + 2, data, challenger_drill,
-                                    shown, as_of, fit) if challenger_v is not None else None
+                                    shown, as_of, fit, wait=False) if challenger_v is not None else None
         write_targets(name, champion, challenger, share_bp=0)
-        router = start_router(name, base_port)
+        router = start_router(name, base_port, wait=False)
+        for info in (champion, challenger, router):
+            if info:
+                wait_service(info)
     except CanaryError as exc:
         raise _fail(str(exc), code=1) from None
     typer.echo(f"champion v{champion_v} {url_of(champion)}; " +

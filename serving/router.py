@@ -3,9 +3,10 @@
 ``bentoml serve serving.router:RecsysRouter`` (``recsys canary router`` starts it detached). A user goes to the
 challenger when ``hash(salt + user_id) % 10000 < share_bp`` (:mod:`pipeline_tasks.online.routing`), else to the
 champion, the same in every request; ``/feedback`` follows the user's variant, so a variant's feedback reaches the
-service that served it. Every answer carries ``variant`` and ``model_version``, and the router logs each request
-(``ab_requests``: request id, user, variant, model version, items, latency, outcome) and each feedback event
-(``ab_feedback``) to its own append-only log, which the canary analysis reads.
+service that served it (and is copied, as history only, to the other variant's service: a user whom a share change
+moves keeps their recent events). Every answer carries ``variant`` and ``model_version``, and the router logs each
+request (``ab_requests``: request id, user, variant, model version, items, latency, outcome) and each feedback
+event (``ab_feedback``) to its own append-only log, which the canary analysis reads.
 
 The route (target URLs and versions, ``share_bp``, ``salt``) lives in a JSON file (``RECSYS_ROUTER_STATE``,
 default ``$RECSYS_HOME/canary/route.json``). ``POST /canary/route`` changes it: it is validated, written
@@ -17,6 +18,7 @@ connection) or takes longer than ``RECSYS_CHALLENGER_TIMEOUT_S`` (default 1 s) i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -37,6 +39,8 @@ log = logging.getLogger("bentoml.recsys.router")
 
 routed = Counter("recsys_router_requests", "Requests by endpoint, variant and outcome", ["endpoint", "variant",
                                                                                            "outcome"])
+mirrored = Counter("recsys_router_feedback_mirrored", "Feedback copied as history to the other variant's service",
+                   ["variant", "outcome"])
 router_fallbacks = Counter("recsys_router_fallbacks", "Challenger requests answered by the champion, by reason",
                            ["endpoint", "reason"])
 router_latency = Histogram("recsys_router_latency_seconds", "Latency of /recommend through the router, by variant",
@@ -79,6 +83,7 @@ class RecsysRouter:
                                         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
         log_dir = os.environ.get("RECSYS_ROUTER_LOG_DIR") or load_settings().home / "canary" / "log"
         self.log = FeedbackLog(log_dir)
+        self._mirrors: set[asyncio.Task[None]] = set()
         self._publish(self.route)
         log.info("router ready: %s", asdict(self.route))
 
@@ -186,7 +191,25 @@ class RecsysRouter:
                                          "event_type": event_type, "variant": variant, "assigned": assigned,
                                          "model_version": route.target(variant)[1], "fallback": fallback}])
         routed.labels(endpoint="feedback", variant=variant, outcome="ok").inc()
+        if route.challenger_url and fallback is None:  # both variants run: the other one learns the event too
+            task = asyncio.create_task(self._mirror(route, CHAMPION if variant == CHALLENGER else CHALLENGER, body))
+            self._mirrors.add(task)  # a reference until done (the loop keeps only weak ones)
+            task.add_done_callback(self._mirrors.discard)
         return {**res.json(), "variant": variant}
+
+    async def _mirror(self, route: Route, variant: str, body: dict[str, Any]) -> None:
+        """The event to the other variant's service as history only (not logged there): a user whom a share change
+        moves keeps their recent events, however the services keep state. A failure is counted, never raised."""
+        import httpx
+
+        url, _ = route.target(variant)
+        try:
+            res = await self.client.post(f"{url}/feedback", json={**body, "variant": variant, "history_only": True},
+                                         timeout=self.timeout)
+            outcome = "ok" if res.status_code < 300 else f"status_{res.status_code}"
+        except httpx.HTTPError:
+            outcome = "connection"
+        mirrored.labels(variant=variant, outcome=outcome).inc()
 
     @bentoml.api(route="/canary/route")
     def change_route(self, share_bp: Annotated[int | None, Field(ge=0, le=BUCKETS)] = None,

@@ -194,6 +194,7 @@ class RecsysService:
             else:
                 raise ValueError(f"RECSYS_STATE={kind!r}: use 'local' or 'redis'")
             self._base_fit, self._fit, self._store, self.snapshot_dir = base_fit, fit, store, snapshot_dir
+            self._shared_state = kind == "redis"
             self.engine = self._engine(state)
             snapshot_moment.set(moment.at.timestamp())
             settings = load_settings()
@@ -312,8 +313,13 @@ class RecsysService:
                  item_id: Annotated[str, Field(min_length=1, max_length=256)],
                  event_type: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z_]+$")],
                  timestamp: str | None = None, context: Context | None = None,
-                 variant: Annotated[str | None, Field(max_length=32, pattern=VARIANT)] = None) -> FeedbackResponse:
-        """Log an event (durable before the answer) and put it into the user's history at once."""
+                 variant: Annotated[str | None, Field(max_length=32, pattern=VARIANT)] = None,
+                 history_only: bool = False) -> FeedbackResponse:
+        """Log an event (durable before the answer) and put it into the user's history at once.
+
+        ``history_only`` (the canary router's copy of an event another variant's service logged): not logged again;
+        it enters the history only when this service keeps it in process (with Redis state the history is shared
+        and already has it), so a user moved between variants keeps their recent events."""
         import pandas as pd
 
         unavailable = self._not_ready("feedback")
@@ -332,6 +338,11 @@ class RecsysService:
         else:
             ts = pd.Timestamp.now(tz="UTC")
         ctx = context.model_dump() if context else {}
+        if history_only:
+            if not self._shared_state:
+                self.engine.add_event(user_id, item_id, event_type, ctx)
+            requests_total.labels(endpoint="feedback", outcome="history_only").inc()
+            return FeedbackResponse(accepted=True, request_id=request_id)
         self.log.append("feedback", [{"request_id": request_id, "user_id": user_id, "item_id": item_id,
                                       "event_type": event_type, "timestamp": ts.isoformat(),
                                       "device": ctx.get("device"), "location": ctx.get("location"),

@@ -175,15 +175,14 @@ def _same_options(a: list[str], b: list[str]) -> bool:
 
 def ensure_service(model: str, role: str, version: int, port: int | None = None, data: str | None = None,
                    drill: str | None = None, shown_filter: bool = True, as_of: str | None = None,
-                   fit: str = "serving", settings: Settings | None = None) -> dict[str, Any]:
+                   fit: str = "serving", settings: Settings | None = None, wait: bool = True) -> dict[str, Any]:
     """The role's service for ``version`` started with these options, (re)started when it is not running that way;
-    ready."""
+    ready (with ``wait=False`` only started: call :func:`wait_service`, so that two services load at once)."""
     info = process_info(model, role, settings)
     cmd_args = serve_cmd(model, version, 0, data, drill, shown_filter, as_of, fit)
     same = info is not None and info.get("version") == version and _same_options(info.get("cmd", []), cmd_args)
     if info and info["alive"] and same and (port is None or port == info["port"]):
-        wait_ready(url_of(info), pid=int(info["pid"]), log_path=info["log"])
-        return info
+        return wait_service(info) if wait else info
     if info and info["alive"]:
         stop_process(model, role, settings)
     port = port or (info or {}).get("port") or DEFAULT_PORTS[role]
@@ -192,8 +191,13 @@ def ensure_service(model: str, role: str, version: int, port: int | None = None,
     env = dict(os.environ)
     info = start_process(model, role, serve_cmd(model, version, port, data, drill, shown_filter, as_of, fit), port,
                          version, env, settings)
+    return wait_service(info) if wait else info
+
+
+def wait_service(info: dict[str, Any]) -> dict[str, Any]:
+    """A started service's pid-file info, once it answers ``/readyz``."""
     seconds = wait_ready(url_of(info), pid=int(info["pid"]), log_path=info["log"])
-    log.info("%s (version %d) ready on %s in %.1f s", role, version, url_of(info), seconds)
+    log.info("%s (version %s) ready on %s after %.1f s", info["role"], info.get("version"), url_of(info), seconds)
     return info
 
 
@@ -210,12 +214,12 @@ def write_targets(model: str, champion: dict[str, Any], challenger: dict[str, An
     return route
 
 
-def start_router(model: str, port: int | None = None, settings: Settings | None = None) -> dict[str, Any]:
-    """The router process, started when not running; ready."""
+def start_router(model: str, port: int | None = None, settings: Settings | None = None, wait: bool = True
+                 ) -> dict[str, Any]:
+    """The router process, started when not running; ready (with ``wait=False`` only started)."""
     info = process_info(model, "router", settings)
     if info and info["alive"]:
-        wait_ready(url_of(info), pid=int(info["pid"]), log_path=info["log"])
-        return info
+        return wait_service(info) if wait else info
     if not route_file(model, settings).exists():
         raise CanaryError(f"no route file {route_file(model, settings)}: start the services first "
                           "(`recsys canary start`)")
@@ -225,8 +229,7 @@ def start_router(model: str, port: int | None = None, settings: Settings | None 
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     info = start_process(model, "router", [bentoml, "serve", "serving.router:RecsysRouter", "--port", str(port)],
                          port, None, env, settings)
-    wait_ready(url_of(info), pid=int(info["pid"]), log_path=info["log"])
-    return info
+    return wait_service(info) if wait else info
 
 
 def router_url(model: str, settings: Settings | None = None) -> str:

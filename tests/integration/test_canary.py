@@ -191,6 +191,27 @@ def test_canary_rolls_back_a_degraded_challenger_and_promotes_a_better_one(ml100
             for t in threads:
                 t.join(timeout=60)
             assert not failures, failures
+            # A challenger user's feedback reaches the champion's service too, as history only (logged once there is
+            # nothing: the challenger logged it): moved back by a share change, the user keeps their recent events.
+            mover = on[0]
+            champion_url = f"http://127.0.0.1:{base + 1}"
+            check = f"mirror-check-{os.getpid()}-{threading.get_ident()}-{id(c)}"
+            fed = c.post("/feedback", json={"request_id": check, "user_id": mover, "item_id": "50",
+                                            "event_type": "click"})
+            assert fed.status_code == 200 and fed.json()["variant"] == "challenger"
+            copied = 'recsys_requests_total{endpoint="feedback",outcome="history_only"}'
+            for _ in range(50):  # the copy is sent after the answer
+                if copied in httpx.get(f"{champion_url}/metrics", timeout=30).text:
+                    break
+                threading.Event().wait(0.1)
+            assert copied in httpx.get(f"{champion_url}/metrics", timeout=30).text
+            from pipeline_tasks.online.feedback_log import read_log
+
+            logged, _ = read_log(Path(os.environ["RECSYS_HOME"]) / "feedback" / name.removeprefix("recsys_"),
+                                 "feedback")
+            mine = logged[logged["request_id"] == check]
+            assert len(mine) == 1 and mine["variant"].tolist() == ["challenger"], mine
+            assert 'recsys_router_feedback_mirrored_total{outcome="ok",variant="champion"}' in c.get("/metrics").text
             assert c.post("/canary/route", json={"share_bp": 20_000}).status_code in (400, 422)
             assert c.post("/canary/route", json={}).json()["share_bp"] == 2000
             metrics = c.get("/metrics").text
