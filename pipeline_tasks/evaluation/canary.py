@@ -4,7 +4,7 @@ Reads the router's ``ab_requests`` and ``ab_feedback`` tables (:mod:`pipeline_ta
 step began. Per variant (the one that answered): requests, clicked requests (at least one click-type event on the
 request's items), converted requests (a ``purchase``), the error share (challenger requests the champion had to
 answer, over the requests assigned to the challenger), p99 latency through the router and coverage (distinct items
-served per request served). The challenger is compared with the champion by the two-proportion z-test of
+served per user: each user's first list). The challenger is compared with the champion by the two-proportion z-test of
 :mod:`pipeline_tasks.evaluation.ab_test` (CTR and conversion: p-value, the lift and its 95 % CI).
 
 :func:`decide` holds the rules (:class:`CanaryConfig`):
@@ -71,9 +71,12 @@ def step_samples(config: CanaryConfig) -> dict[int, int]:
 
 
 def variant_counts(requests: pd.DataFrame, feedback: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """Per answering variant: requests, clicked and converted requests, p99 latency, distinct items over the first
-    ``n`` requests of each variant (``n``: the smaller variant's count, so the two are comparable); and per assigned
-    variant the requests answered by the other (fallbacks)."""
+    """Per answering variant: requests, clicked and converted requests, p99 latency, coverage, and per assigned
+    variant the requests answered by the other (fallbacks).
+
+    Coverage is distinct items per user list over the first list of each of the first ``n`` users of each variant
+    (``n``: the smaller variant's user count). Per user, not per request: at a 5 % share a few users ask many times,
+    and repeated lists of a few users would read as a narrow model beside the champion's many users."""
     out: dict[str, dict[str, Any]] = {}
     if requests.empty:
         return {v: {"requests": 0, "clicked": 0, "converted": 0, "p99_ms": float("nan"), "coverage": float("nan"),
@@ -81,11 +84,16 @@ def variant_counts(requests: pd.DataFrame, feedback: pd.DataFrame) -> dict[str, 
     fb = feedback if not feedback.empty else pd.DataFrame(columns=["request_id", "event_type"])
     clicked = set(fb.loc[fb["event_type"].isin(CLICK_EVENTS), "request_id"])
     converted = set(fb.loc[fb["event_type"].isin(CONVERSION_EVENTS), "request_id"])
-    common = int(min((requests["variant"] == v).sum() for v in (CHAMPION, CHALLENGER)))
+    who = requests["user_id"] if "user_id" in requests else requests["request_id"]  # no user: one list each
+    firsts = {}
+    for v in (CHAMPION, CHALLENGER):
+        mine = requests["variant"] == v
+        firsts[v] = requests[mine][~who[mine].duplicated()]  # each user's first list from this variant
+    common = int(min(len(f) for f in firsts.values()))
     for variant in (CHAMPION, CHALLENGER):
         answered = requests[requests["variant"] == variant]
         assigned = requests[requests["assigned"] == variant] if "assigned" in requests else answered
-        items = {i for row in answered["items"].iloc[:common]
+        items = {i for row in firsts[variant]["items"].iloc[:common]
                  for i in (row if isinstance(row, list | np.ndarray) else [])}
         out[variant] = {
             "requests": int(len(answered)),

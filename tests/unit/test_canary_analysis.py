@@ -61,3 +61,19 @@ def test_guardrails_stop_a_step_early():
 def test_since_keeps_the_step_rows():
     frame = pd.DataFrame({"logged_at": ["2026-01-01T00:00:00+00:00", "2026-01-01T00:01:00+00:00"], "x": [1, 2]})
     assert since(frame, pd.Timestamp("2026-01-01T00:00:30Z"))["x"].tolist() == [2]
+
+
+def test_coverage_counts_users_not_repeated_requests():
+    """At a small share a few users ask many times: their repeated lists are not a narrow model."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for variant, users, n in (("champion", 150, 1900), ("challenger", 8, 100)):
+        lists = {u: [f"i{x}" for x in rng.choice(1000, 10, replace=False)] for u in range(users)}
+        for i in range(n):
+            u = int(rng.integers(users))
+            rows.append({"request_id": f"{variant}-{i}", "user_id": f"{variant}-u{u}", "variant": variant,
+                         "assigned": variant, "latency_ms": 20.0, "items": lists[u]})
+    few_users = analyse(pd.DataFrame(rows), pd.DataFrame(columns=["request_id", "event_type"]), CanaryConfig(),
+                        share=500, needed=100)
+    assert few_users["guardrails"]["coverage_ratio"]["ok"], few_users["guardrails"]
+    assert few_users["guardrails"]["coverage_ratio"]["value"] > 0.9  # 10 distinct items per list on both sides
