@@ -669,6 +669,8 @@ def serve_env(bundle_dir: Path, snapshot_dir: Path, state: str, epsilon: float, 
                RECSYS_HOME=str(load_settings().home),
                BENTOML_CONFIG_OPTIONS=f"services.RecsysService.workers={workers}")
     env.setdefault("RECSYS_REDIS_URL", load_settings().redis_url)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one request at a time per worker
+        env.setdefault(var, "1")
     return env
 
 
