@@ -417,9 +417,20 @@ def drift(
         ServedDriftConfig.from_params(conf)
     except PermanentError as exc:
         raise _fail(str(exc)) from None
+    from pipeline_tasks.core.runs import MANIFEST
+    from pipeline_tasks.core.runs import run_dir as _run_dir
+
     settings = load_settings()
     run_id = _run_dag("recsys_served_drift", conf, "drift", verbose)
-    _run_triggered(run_id, settings, verbose, run_here=run_triggered)
+    path = _run_dir(run_id, settings) / MANIFEST if run_id else None
+    if path is None or not path.exists():
+        return
+    outputs = ((json.loads(path.read_text()).get("tasks") or {}).get("served_drift") or {}).get("outputs") or {}
+    for name, res in (outputs.get("models") or {}).items():
+        where = res.get("report_html") or res.get("message", "")
+        typer.echo(f"Served drift  : {name}: {res['status']}" + (f" {res['flagged']}" if res.get("flagged") else "")
+                   + f" -- {where}")
+    _run_triggered(outputs.get("trigger") or [], settings, verbose, run_here=run_triggered)
 
 
 def _scheduler_alive(env: dict[str, str]) -> bool:
@@ -427,22 +438,12 @@ def _scheduler_alive(env: dict[str, str]) -> bool:
     return _airflow(["jobs", "check", "--job-type", "SchedulerJob", "--limit", "1"], env, capture=True).returncode == 0
 
 
-def _run_triggered(drift_run_id: str | None, settings: Any, verbose: bool, run_here: bool = True) -> None:
-    """The recsys_training runs a served-drift run triggered: left to the scheduler when one runs, else each run in
-    place (`airflow dags test` at its logical date, which replaces the queued run) under the run lock."""
+def _run_triggered(triggered: list[dict[str, Any]], settings: Any, verbose: bool, run_here: bool = True) -> None:
+    """The recsys_training runs a served-drift run triggered (``conf``, ``logical_date``, ``trigger_run_id``): left
+    to the scheduler when one runs, else each run in place (`airflow dags test` at its logical date, which replaces
+    the queued run) under the run lock."""
     from pipeline_tasks.core.run_lock import run_lock
-    from pipeline_tasks.core.runs import MANIFEST
-    from pipeline_tasks.core.runs import run_dir as _run_dir
 
-    path = _run_dir(drift_run_id, settings) / MANIFEST if drift_run_id else None
-    if path is None or not path.exists():
-        return
-    outputs = ((json.loads(path.read_text()).get("tasks") or {}).get("served_drift") or {}).get("outputs") or {}
-    for model, res in (outputs.get("models") or {}).items():
-        where = res.get("report_html") or res.get("message", "")
-        typer.echo(f"Served drift  : {model}: {res['status']}" + (f" {res['flagged']}" if res.get("flagged") else "")
-                   + f" -- {where}")
-    triggered = outputs.get("trigger") or []
     if not triggered:
         return
     env = airflow_env(settings)

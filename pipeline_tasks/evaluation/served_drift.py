@@ -26,7 +26,6 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline_tasks.core import constants
 from pipeline_tasks.core.errors import InvalidParamsError
 from pipeline_tasks.core.settings import Settings, load_settings
 from pipeline_tasks.evaluation.drift import FEATURES, DriftConfig
@@ -92,28 +91,19 @@ def served_window(root: str | Path, start: datetime, end: datetime) -> tuple[pd.
     """Feedback events logged in ``(start, end]`` as interactions (contract event types), and counts.
 
     Returns:
-        The interactions (``user_id, item_id, timestamp, event_type, device``) and ``logged`` (all feedback lines),
-        ``in_window``, ``other_event_types`` (in the window, not a contract type: left out) and ``torn`` (lines cut
-        short by a crash).
+        The interactions (:func:`pipeline_tasks.online.feedback_log.as_interactions`) and ``logged`` (all feedback
+        lines), ``in_window``, ``other_event_types`` (in the window, not a contract type: left out) and ``torn``
+        (lines cut short by a crash).
     """
-    from pipeline_tasks.online.feedback_log import read_log
+    from pipeline_tasks.online.feedback_log import as_interactions, read_log
 
     df, torn = read_log(root, "feedback")
-    counts = {"logged": len(df), "in_window": 0, "other_event_types": 0, "torn": torn}
-    columns = [constants.USER_ID, constants.ITEM_ID, constants.TIMESTAMP, constants.EVENT_TYPE, constants.DEVICE]
-    if not len(df):
-        return pd.DataFrame(columns=columns), counts
-    logged = pd.to_datetime(df["logged_at"], utc=True, format="ISO8601")
-    df = df[(logged > pd.Timestamp(start)) & (logged <= pd.Timestamp(end))]
-    counts["in_window"] = len(df)
-    known = df[constants.EVENT_TYPE].isin(constants.EVENT_TYPES)
-    counts["other_event_types"] = int((~known).sum())
-    df = df[known].copy()
-    for col in columns:
-        if col not in df:
-            df[col] = None
-    df[constants.TIMESTAMP] = pd.to_datetime(df[constants.TIMESTAMP], utc=True, format="ISO8601")
-    return df[columns].reset_index(drop=True), counts
+    total = len(df)
+    if total:
+        logged = pd.to_datetime(df["logged_at"], utc=True, format="ISO8601")
+        df = df[(logged > pd.Timestamp(start)) & (logged <= pd.Timestamp(end))]
+    current = as_interactions(df)
+    return current, {"logged": total, "in_window": len(df), "other_event_types": len(df) - len(current), "torn": torn}
 
 
 def retrain_params(champion_config: dict[str, Any], log_dir: Path) -> dict[str, Any]:

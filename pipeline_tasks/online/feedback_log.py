@@ -130,16 +130,23 @@ def read_log(root: str | Path, table: str) -> tuple[pd.DataFrame, int]:
     return pd.DataFrame(rows), torn
 
 
-def feedback_interactions(root: str | Path) -> pd.DataFrame:
-    """Logged feedback with contract event types, as interactions rows (``user_id, item_id, timestamp,
-    event_type, device, location``); other event types are left out (they are not interactions)."""
-    df, _ = read_log(root, "feedback")
-    columns = [USER_ID, ITEM_ID, TIMESTAMP, EVENT_TYPE, "device", "location"]
-    if not len(df):
-        return pd.DataFrame(columns=columns)
-    df = df[df[EVENT_TYPE].isin(EVENT_TYPES)].copy()
-    for col in columns:
+INTERACTION_COLUMNS = [USER_ID, ITEM_ID, TIMESTAMP, EVENT_TYPE, "device", "location"]
+
+
+def as_interactions(feedback: pd.DataFrame) -> pd.DataFrame:
+    """Feedback lines (:func:`read_log`) with contract event types as interactions rows (``user_id, item_id,
+    timestamp, event_type, device, location``); other event types are left out (they are not interactions)."""
+    if not len(feedback):
+        return pd.DataFrame(columns=INTERACTION_COLUMNS)
+    df = feedback[feedback[EVENT_TYPE].isin(EVENT_TYPES)].copy()
+    for col in INTERACTION_COLUMNS:
         if col not in df:
             df[col] = None
     df[TIMESTAMP] = pd.to_datetime(df[TIMESTAMP], utc=True, format="ISO8601")
-    return df[columns].reset_index(drop=True)
+    return df[INTERACTION_COLUMNS].reset_index(drop=True)
+
+
+def feedback_interactions(root: str | Path) -> pd.DataFrame:
+    """Every logged feedback event of a contract type under ``root``, as interactions rows (:func:`as_interactions`)."""
+    df, _ = read_log(root, "feedback")
+    return as_interactions(df)
