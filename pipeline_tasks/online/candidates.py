@@ -422,9 +422,24 @@ def trending_rows(global_counts: np.ndarray, by_context: Mapping[tuple[str, str]
     return global_counts if out is None else out
 
 
+def _tied_cut(masked: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """``part`` (each row's ``width`` best positions by an argpartition) with ties at the cut resolved to the lowest
+    catalog index: argpartition keeps any of the items tied with the last one kept."""
+    vals = np.take_along_axis(masked, part, axis=1)
+    cut = vals.min(axis=1)
+    in_part = (vals == cut[:, None]).sum(axis=1)
+    in_row = (masked == cut[:, None]).sum(axis=1)
+    for row in np.flatnonzero(np.isfinite(cut) & (in_row > in_part)):
+        above = np.flatnonzero(masked[row] > cut[row])
+        tied = np.flatnonzero(masked[row] == cut[row])[:part.shape[1] - len(above)]
+        part[row] = np.concatenate([above, tied])
+    return part
+
+
 def top_k(scores: np.ndarray, allowed: np.ndarray, k: int, positive_only: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's k best allowed items: ``(indices, scores)``, -1 / NaN padded, best first."""
-    masked = np.where(allowed, scores, -np.inf).astype(np.float32)
+    """Each row's k best allowed items: ``(indices, scores)``, -1 / NaN padded, best first; equal scores go to the
+    lower catalog index (at the cut too)."""
+    masked = np.where(allowed, scores, -np.inf).astype(np.float32, copy=False)
     if positive_only:
         masked[masked <= 0] = -np.inf
     n_items = masked.shape[1]
@@ -433,7 +448,7 @@ def top_k(scores: np.ndarray, allowed: np.ndarray, k: int, positive_only: bool) 
     out_score = np.full((len(masked), k), np.nan, dtype=np.float32)
     if width == 0 or not len(masked):
         return out_idx, out_score
-    part = np.argpartition(-masked, width - 1, axis=1)[:, :width] if width < n_items else \
+    part = _tied_cut(masked, np.argpartition(-masked, width - 1, axis=1)[:, :width]) if width < n_items else \
         np.broadcast_to(np.arange(n_items), masked.shape).copy()
     part = np.sort(part, axis=1)  # ties broken by item index
     vals = np.take_along_axis(masked, part, axis=1)
@@ -443,6 +458,74 @@ def top_k(scores: np.ndarray, allowed: np.ndarray, k: int, positive_only: bool) 
     out_idx[:, :width] = np.where(valid, best, -1)
     out_score[:, :width] = np.where(valid, vals, np.nan)
     return out_idx, out_score
+
+
+def top_k_sparse(scores: sp.csr_matrix, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k` with ``positive_only`` of a sparse score matrix (absent = 0): only its stored positive
+    allowed entries can be chosen, so it never builds the dense rows."""
+    m = sp.csr_matrix(scores, dtype=np.float32)
+    out_idx = np.full((m.shape[0], k), -1, dtype=np.int64)
+    out_score = np.full((m.shape[0], k), np.nan, dtype=np.float32)
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+    cols, vals = m.indices.astype(np.int64), m.data
+    ok = (vals > 0) & allowed[rows, cols]
+    rows, cols, vals = rows[ok], cols[ok], vals[ok]
+    order = np.lexsort((cols, -vals, rows))  # by row, best first, ties by catalog index
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    place = count_before(rows)
+    keep = place < min(k, m.shape[1])
+    out_idx[rows[keep], place[keep]] = cols[keep]
+    out_score[rows[keep], place[keep]] = vals[keep]
+    return out_idx, out_score
+
+
+def top_k_ranked(order: np.ndarray, scores: np.ndarray, allowed: np.ndarray, k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k` with ``positive_only`` for rows that share one score vector: ``order`` is its positive items
+    best first, ties by catalog index (:func:`ranked_order`); each row takes its first ``k`` allowed ones."""
+    out_idx = np.full((len(allowed), k), -1, dtype=np.int64)
+    out_score = np.full((len(allowed), k), np.nan, dtype=np.float32)
+    for row in range(len(allowed)):
+        step, found = max(2 * k, 64), np.zeros(0, np.int64)
+        start = 0
+        while len(found) < k and start < len(order):  # widen the window until k allowed items are found
+            window = order[start:start + step]
+            found = np.concatenate([found, window[allowed[row, window]]])
+            start, step = start + step, step * 2
+        found = found[:k]
+        out_idx[row, :len(found)] = found
+        out_score[row, :len(found)] = scores[found]
+    return out_idx, out_score
+
+
+def ranked_order(scores: np.ndarray) -> np.ndarray:
+    """The positive entries of a score vector, best first, ties by catalog index (what :func:`top_k_ranked`
+    walks)."""
+    values = np.asarray(scores, np.float32)
+    positive = np.flatnonzero(values > 0)
+    return positive[np.argsort(-values[positive], kind="stable")]
+
+
+class SparseScores:
+    """A block's sparse scores read like the dense ``(rows, items)`` matrix they stand for (absent = 0):
+    ``shape`` and ``[rows, items]`` lookups, which is what fusion reads of them."""
+
+    def __init__(self, matrix: sp.csr_matrix) -> None:
+        m = sp.csr_matrix(matrix, dtype=np.float32)
+        m.sum_duplicates()  # canonical: sorted, unique indices per row
+        self.shape = m.shape
+        self._keys = np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr)) * m.shape[1] + m.indices
+        self._data = m.data
+
+    def __getitem__(self, key: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        rows, items = key
+        want = np.asarray(rows, np.int64) * self.shape[1] + np.asarray(items, np.int64)
+        pos = np.searchsorted(self._keys, want)
+        hit = pos < len(self._keys)
+        hit[hit] = self._keys[pos[hit]] == want[hit]
+        out = np.zeros(len(want), np.float32)
+        out[hit] = self._data[pos[hit]]
+        return out
 
 
 @dataclass
@@ -456,17 +539,22 @@ class SourceLists:
 
 def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | None, history: UserHistory,
                  rows: slice, graph: ItemGraph, catalog: ItemTable, trending: np.ndarray, popularity: np.ndarray,
-                 config: CandidateConfig, k: int | None = None) -> SourceLists:
+                 config: CandidateConfig, k: int | None = None, orders: Mapping[str, np.ndarray] | None = None
+                 ) -> SourceLists:
     """Every source's top-k (default ``pool_size``) for the users ``history.user_ids[rows]``; ``trending`` is one
-    row of counts for every user or one row per user of ``rows`` (:func:`trending_rows`)."""
+    row of counts for every user or one row per user of ``rows`` (:func:`trending_rows`).
+
+    The item-graph sources are scored sparsely (:func:`top_k_sparse`); ``orders`` may hold the
+    :func:`ranked_order` of the one-row ``trending`` and of ``popularity`` (a server computes them once), which
+    their lists then walk instead of scoring the catalog. The lists are the same either way."""
     k = k or config.pool_size
+    orders = orders or {}
     seen = history.seen[rows]
-    allowed = catalog.allowed_for(history.region[rows]) & (seen.toarray() == 0)
+    allowed = catalog.allowed_for(history.region[rows])
+    allowed[seen.nonzero()] = False
     recent = history.recent[rows]
-    dense: dict[str, np.ndarray] = {
-        "i2i": (recent @ graph.cooccurrence).toarray().astype(np.float32),
-        "content": (recent @ graph.content).toarray().astype(np.float32),
-    }
+    sparse = {"i2i": (recent @ graph.cooccurrence).tocsr(), "content": (recent @ graph.content).tocsr()}
+    dense: dict[str, Any] = {name: SparseScores(matrix) for name, matrix in sparse.items()}
     if user_vectors is not None and item_vectors is not None:
         dense["two_tower"] = (np.asarray(user_vectors, np.float32) @ np.asarray(item_vectors, np.float32).T)
     n = allowed.shape[0]
@@ -476,7 +564,13 @@ def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | Non
     for source in SOURCES:
         if source not in dense or config.weights.get(source, 0.0) <= 0:
             continue
-        lists[source] = top_k(dense[source], allowed, k, positive_only=source != "two_tower")
+        if source in sparse:
+            lists[source] = top_k_sparse(sparse[source], allowed, k)
+        elif source in orders and (source != "trending" or np.ndim(trending) == 1):
+            lists[source] = top_k_ranked(orders[source], trending if source == "trending" else popularity,
+                                         allowed, k)
+        else:
+            lists[source] = top_k(dense[source], allowed, k, positive_only=source != "two_tower")
     return SourceLists(lists, dense)
 
 

@@ -201,3 +201,43 @@ def test_cold_users_get_the_trending_list_of_their_demographics():
                 {"location": None, "device": None, **demographic_context({"gender": "F"})}]
     got = trending_rows(overall, by_context, np.ones(3, bool), contexts)
     assert got.tolist() == [[0, 3, 0], [3, 0, 0], [3, 3, 0]]  # engineers; 18-24; no list for F: global
+
+
+def _reference_top(scores: np.ndarray, allowed: np.ndarray, k: int, positive_only: bool) -> list[list[int]]:
+    """Each row's k best allowed items by (-score, index): what every top-k of the module must return."""
+    out = []
+    for row, ok in zip(scores, allowed, strict=True):
+        keep = [i for i in range(len(row)) if ok[i] and (row[i] > 0 or not positive_only)]
+        out.append(sorted(keep, key=lambda i: (-row[i], i))[:k])
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_variants_agree_and_break_ties_by_index_at_the_cut(seed):
+    """Dense, sparse and pre-ordered top-k give the same lists, ties at the cut going to the lower index
+    (integer counts tie a lot: trending and popularity)."""
+    import scipy.sparse as sp
+
+    from pipeline_tasks.online.candidates import ranked_order, top_k_ranked, top_k_sparse
+
+    rng = np.random.default_rng(seed)
+    n_rows, n_items, k = 6, 300, 40
+    counts = rng.integers(0, 4, size=n_items).astype(np.float32)  # many ties, zeros excluded
+    allowed = rng.random((n_rows, n_items)) > 0.3
+    sparse = sp.random(n_rows, n_items, density=0.2, random_state=seed, dtype=np.float32).tocsr()
+    sparse.data = np.round(sparse.data * 4) / 4  # ties
+    for scores, positive in ((np.broadcast_to(counts, (n_rows, n_items)), True), (sparse.toarray(), True),
+                             (rng.integers(-3, 3, size=(n_rows, n_items)).astype(np.float32), False)):
+        want = _reference_top(scores, allowed, k, positive)
+        idx, vals = top_k(scores, allowed, k, positive_only=positive)
+        assert [[i for i in row if i >= 0] for row in idx.tolist()] == want
+        got = np.take_along_axis(scores, np.where(idx >= 0, idx, 0), axis=1)
+        np.testing.assert_array_equal(np.where(idx >= 0, got, np.nan), vals)
+    idx_sparse, vals_sparse = top_k_sparse(sparse, allowed, k)
+    idx_dense, vals_dense = top_k(sparse.toarray(), allowed, k, positive_only=True)
+    np.testing.assert_array_equal(idx_sparse, idx_dense)
+    np.testing.assert_array_equal(vals_sparse, vals_dense)
+    idx_ranked, vals_ranked = top_k_ranked(ranked_order(counts), counts, allowed, k)
+    idx_dense, vals_dense = top_k(np.broadcast_to(counts, allowed.shape), allowed, k, positive_only=True)
+    np.testing.assert_array_equal(idx_ranked, idx_dense)
+    np.testing.assert_array_equal(vals_ranked, vals_dense)
