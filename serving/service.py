@@ -293,11 +293,14 @@ class RecsysService:
         return JSONResponse({"error": f"not ready: {reason}; /readyz turns 200 when it is"}, status_code=503)
 
     @bentoml.api(route="/recommend")
-    def recommend(self, user_id: Annotated[str, Field(min_length=1, max_length=256)],
+    async def recommend(self, user_id: Annotated[str, Field(min_length=1, max_length=256)],
                   num_items: Annotated[int, Field(ge=1, le=100)] = 20, context: Context | None = None,
                   exclude: Annotated[list[str] | None, Field(max_length=1000)] = None,
                   variant: Annotated[str | None, Field(max_length=32, pattern=VARIANT)] = None) -> RecommendResponse:
-        """The user's top ``num_items``: candidates, filters, features, ranker, business rules."""
+        """The user's top ``num_items``: candidates, filters, features, ranker, business rules.
+
+        It runs on the event loop, not in a thread pool: a worker answers one request at a time anyway (the work
+        holds the GIL), and a pool thread competing with the loop for the GIL added latency under load."""
         started = time.perf_counter()
         unavailable = self._not_ready("recommend")
         if unavailable is not None:

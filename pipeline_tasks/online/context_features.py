@@ -153,45 +153,56 @@ def context_features(requests: pd.DataFrame, user_rows: pd.DataFrame, item_rows:
     return pd.DataFrame(out, index=requests.index, copy=False)
 
 
-def context_feature_arrays(requests: Rows, user_rows: Rows, item_rows: Rows, n: int) -> dict[str, np.ndarray]:
+def context_feature_arrays(requests: Rows, user_rows: Rows, item_rows: Rows, n: int,
+                           query: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """:func:`context_features` as one float64 array per column, from frames or mappings of ``n``-long arrays
-    (what a request assembles without building frames)."""
+    (what a request assembles without building frames).
+
+    With ``query`` (each row's query as a code ``0..q-1``), ``requests`` and ``user_rows`` hold one row per query
+    instead: what depends on the request and the user alone is computed once per query, then given to its rows
+    (the same values as row by row)."""
+    m = n if query is None else (int(query.max()) + 1 if len(query) else 0)
+
+    def rows(values: np.ndarray) -> np.ndarray:
+        return values if query is None else values[query]
+
     out: dict[str, np.ndarray] = {}
-    ts = _ns_of(_column(requests, REQUEST_TIMESTAMP, n))
-    missing_ts = ts == _NAT
-    day = np.floor_divide(ts, _DAY_NS)
-    seconds = np.where(missing_ts, np.nan, (ts - day * _DAY_NS) / 1e9)
+    ts_q = _ns_of(_column(requests, REQUEST_TIMESTAMP, m))
+    missing_ts = ts_q == _NAT
+    day = np.floor_divide(ts_q, _DAY_NS)
+    seconds = np.where(missing_ts, np.nan, (ts_q - day * _DAY_NS) / 1e9)
     weekday = np.where(missing_ts, np.nan, ((day + 3) % 7).astype(float))  # 1970-01-01 was a Thursday (3)
     hour_angle = 2 * np.pi * seconds / SECONDS_PER_DAY
     weekday_angle = 2 * np.pi * weekday / DAYS_PER_WEEK
-    out["hour_sin"], out["hour_cos"] = np.sin(hour_angle), np.cos(hour_angle)
-    out["weekday_sin"], out["weekday_cos"] = np.sin(weekday_angle), np.cos(weekday_angle)
+    out["hour_sin"], out["hour_cos"] = rows(np.sin(hour_angle)), rows(np.cos(hour_angle))
+    out["weekday_sin"], out["weekday_cos"] = rows(np.sin(weekday_angle)), rows(np.cos(weekday_angle))
 
-    device = _strings(_column(requests, "device", n), lambda v: v.strip().lower())
-    known_device = np.zeros(n, dtype=bool)
+    device = _strings(_column(requests, "device", m), lambda v: v.strip().lower())
+    known_device = np.zeros(m, dtype=bool)
     for name in DEVICES:
         hit = device == name
-        out[f"device_{name}"] = hit.astype(float)
+        out[f"device_{name}"] = rows(hit.astype(float))
         known_device |= hit
-    out["device_other"] = (~known_device).astype(float)
+    out["device_other"] = rows((~known_device).astype(float))
 
-    location = _strings(_column(requests, "location", n), lambda v: v.strip())
-    out["location_known"] = _per_value(location, lambda v: v is not None and len(v) > 0).astype(float)
+    location = _strings(_column(requests, "location", m), lambda v: v.strip())
+    out["location_known"] = rows(_per_value(location, lambda v: v is not None and len(v) > 0).astype(float))
 
     category = _strings(_column(item_rows, "item_category", n), lambda v: v)
     has_category = _per_value(category, lambda v: v is not None).astype(bool)
     share = np.zeros(n, dtype=float)
     for k in range(1, TOP_CATEGORIES + 1):
-        top = _strings(_column(user_rows, f"user_top{k}_category", n), lambda v: v)
+        top = rows(_strings(_column(user_rows, f"user_top{k}_category", m), lambda v: v))
         match = (top == category) & has_category
         if not match.any():
             continue
-        value = _numbers(_column(user_rows, f"user_top{k}_share", n))
+        value = rows(_numbers(_column(user_rows, f"user_top{k}_share", m)))
         share = np.where(match, np.where(np.isnan(value), 0.0, value), share)
     out["user_category_share"] = share
 
+    ts = rows(ts_q)
     out["item_age_days_at_request"] = _age_at_request(
         _column(item_rows, "item_age_days", n), _column(item_rows, "event_timestamp", n), ts)
-    out["user_days_since_last_event_at_request"] = _age_at_request(
-        _column(user_rows, "user_days_since_last_event", n), _column(user_rows, "event_timestamp", n), ts)
+    out["user_days_since_last_event_at_request"] = rows(_age_at_request(
+        _column(user_rows, "user_days_since_last_event", m), _column(user_rows, "event_timestamp", m), ts_q))
     return {c: np.asarray(out[c], dtype="float64") for c in CONTEXT_FEATURE_COLUMNS}

@@ -36,7 +36,7 @@ import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.online.candidates import DEMOGRAPHIC_COLUMNS, SOURCES
-from pipeline_tasks.online.two_stage import Prepared, item_age_days, rank_block, user_blocks
+from pipeline_tasks.online.two_stage import Prepared, item_age_days, rank_block, user_blocks, with_user_state
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +176,19 @@ class Engine:
 
     def __init__(self, state: Prepared, store: StateStore | None = None, rules: bool = True,
                  filter_shown: bool = True, epsilon: float = 0.0, embedding_ttl_s: float = EMBEDDING_TTL_S,
-                 shown_ttl_s: float = SHOWN_TTL_S, drill: str | None = None) -> None:
+                 shown_ttl_s: float = SHOWN_TTL_S, drill: str | None = None, precompute_users: bool = True) -> None:
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon={epsilon}: use a probability in [0, 1]")
         if drill not in DRILLS:
             raise ValueError(f"drill={drill!r}: use one of {DRILLS} (None: serve normally)")
         self.drill = drill
+        if precompute_users and state.user_state is None:
+            state = with_user_state(state)  # each user's history-only part, once per snapshot
         self.state, self.store, self.rules = state, store, rules
         self.filter_shown, self.epsilon = filter_shown, epsilon
         self.embedding_ttl_s, self.shown_ttl_s = embedding_ttl_s, shown_ttl_s
-        self.ages = item_age_days(state.moment.items, state.moment.at)
+        # The freshness rule's item ages by catalog index (rank_block reads them by the pool's catalog index).
+        self.ages = item_age_days(state.moment.items, state.moment.at).reindex(state.item_array).to_numpy(float)
         self.known_users = frozenset(state.rows_of)
         self._columns = list(state.history.columns)
         self._lock = threading.Lock()  # one request at a time (the work holds the GIL; interleaving only adds latency)
@@ -236,9 +239,9 @@ class Engine:
             timings["candidates_features"] = (time.perf_counter() - t1) * 1000
             t2 = time.perf_counter()
             if self.drill:  # a deliberately degraded model (canary drills): the candidates, shuffled or worst first
-                every = rank_block(self.state.fit, block, len(block.pool), rules=False,
+                every = rank_block(self.state.fit, block, len(block.column(ITEM_ID)), rules=False,
                                    exclude={user: blocked} if blocked else None)[user]
-                pooled = set(block.pool[ITEM_ID].astype(str))
+                pooled = set(map(str, block.column(ITEM_ID)))
                 every = [pair for pair in every if pair[0] in pooled]  # no popularity fill
                 ranked = random.Random(request_id or user).sample(every, min(k, len(every))) \
                     if self.drill == "random_ranking" else every[::-1][:k]
@@ -256,21 +259,26 @@ class Engine:
         return Answer(items, timings, cold=user in block.cold, cache_hit=cache.hits > 0, fallbacks=failures)
 
     def _describe(self, block: Any, user: str, ranked: list[tuple[str, float]]) -> list[Recommendation]:
-        pool = block.pool
         weights = self.state.fit.config.weights
         rrf_k = self.state.fit.config.rrf_k
-        mine = np.flatnonzero(pool[USER_ID].to_numpy(dtype=object) == user)
-        # Each pool item's source: the one contributing most to its fused score (ties: the first in SOURCES).
-        contrib = np.stack([weights.get(s, 0.0) / (rrf_k + pool[f"{s}_rank"].to_numpy(dtype=float)[mine])
-                            for s in SOURCES], axis=1) if len(mine) else np.zeros((0, len(SOURCES)))
+        mine = np.flatnonzero(np.asarray(block.column(USER_ID), dtype=object) == user)
+        row_of = dict(zip(np.asarray(block.column(ITEM_ID), dtype=object)[mine].tolist(), mine.tolist(), strict=True))
+        rows = np.array([row_of.get(item, -1) for item, _ in ranked], dtype=np.int64)
+        # Each served item's source: the one contributing most to its fused score (ties: the first in SOURCES).
+        contrib = np.stack([weights.get(s, 0.0) / (rrf_k + np.asarray(block.column(f"{s}_rank"), dtype=float)[rows])
+                            for s in SOURCES], axis=1) if len(rows) else np.zeros((0, len(SOURCES)))
         contrib = np.where(np.isnan(contrib), -np.inf, contrib)
-        best = [SOURCES[i] if np.isfinite(row[i]) else "pool"
-                for row, i in zip(contrib, contrib.argmax(axis=1), strict=True)]
-        source_of = dict(zip(pool[ITEM_ID].to_numpy(dtype=object)[mine], best, strict=True))
+        best = contrib.argmax(axis=1) if len(rows) else np.zeros(0, np.int64)
         category = self.state.category
         out = []
-        for rank, (item, score) in enumerate(ranked, start=1):
-            source = "trending" if user in block.cold else source_of.get(item, "popularity_fill")
+        for rank, ((item, score), row, i) in enumerate(zip(ranked, rows.tolist(), best.tolist(), strict=True),
+                                                       start=1):
+            if user in block.cold:
+                source = "trending"
+            elif row < 0:
+                source = "popularity_fill"
+            else:
+                source = SOURCES[i] if np.isfinite(contrib[rank - 1, i]) else "pool"
             out.append(Recommendation(item, float(score), rank, str(category.get(item, "unknown")), source))
         return out
 

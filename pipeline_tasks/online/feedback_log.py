@@ -74,11 +74,15 @@ class FeedbackLog:
             raise ValueError(f"table={table!r}: use one of {TABLES}")
         by_day: dict[str, list[str]] = {}
         now = datetime.now(UTC)
+        logged_at, today = now.isoformat(), now.strftime("%Y-%m-%d")
         for record in records:
             rec = dict(record)
-            rec.setdefault("logged_at", now.isoformat())
-            ts = pd.Timestamp(rec.get(TIMESTAMP) or rec["logged_at"])
-            day = (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")).strftime("%Y-%m-%d")
+            rec.setdefault("logged_at", logged_at)
+            if rec.get(TIMESTAMP) or rec["logged_at"] != logged_at:
+                ts = pd.Timestamp(rec.get(TIMESTAMP) or rec["logged_at"])
+                day = (ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")).strftime("%Y-%m-%d")
+            else:  # logged now: today's partition
+                day = today
             by_day.setdefault(day, []).append(json.dumps(rec, default=str, separators=(",", ":")))
         with self._lock:
             for day, lines in by_day.items():

@@ -15,7 +15,7 @@ Columns are :data:`FEATURE_COLUMNS`, float32, in that order; missing values are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,9 +86,27 @@ def category_state(history: pd.DataFrame, user_ids: Sequence[str], item_category
                          "user_history_events": totals.astype(float)})
 
 
-def _zscore(values: np.ndarray | pd.Series, query: np.ndarray | pd.Series) -> np.ndarray:
-    """Per-query z-score of ``values`` (NaN skipped; population std; a query with zero spread gets std 1)."""
-    codes, _ = pd.factorize(np.asarray(query, dtype=object))
+def _strs(values: pd.Series | np.ndarray) -> np.ndarray:
+    """A column as an object array of strings (``astype(str)``, skipped when every value is a string already)."""
+    array = np.asarray(values)
+    if array.dtype == object and pd.api.types.infer_dtype(array, skipna=False) == "string":
+        return array
+    return pd.Series(array, dtype=object).astype(str).to_numpy() if array.dtype == object else array.astype(str)
+
+
+def _rows(table: pd.DataFrame | Mapping[str, np.ndarray]) -> int:
+    """How many rows a frame or a mapping of aligned column arrays has."""
+    if isinstance(table, pd.DataFrame):
+        return len(table)
+    return len(next(iter(table.values()))) if len(table) else 0
+
+
+def _zscore(values: np.ndarray | pd.Series, query: np.ndarray | pd.Series, codes: np.ndarray | None = None
+            ) -> np.ndarray:
+    """Per-query z-score of ``values`` (NaN skipped; population std; a query with zero spread gets std 1);
+    ``codes`` is ``query`` factorized, when the caller has it already."""
+    if codes is None:
+        codes, _ = pd.factorize(np.asarray(query, dtype=object))
     x = np.asarray(values, dtype=np.float64)
     ok = ~np.isnan(x)
     k = int(codes.max()) + 1 if len(codes) else 0
@@ -146,9 +164,11 @@ class KeyedRows:
             return None
         return cls(pd.Index(table.index, dtype=object), {c: column_array(table[c]) for c in table.columns})
 
-    def aligned(self, keys: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
-        """``columns`` of each key's row (NaN where the key has none), taken by position."""
-        pos = self.index.get_indexer(keys)
+    def aligned(self, keys: np.ndarray, columns: Sequence[str], pos: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
+        """``columns`` of each key's row (NaN where the key has none), taken by position (``pos``: the keys'
+        positions in :attr:`index`, -1 for none, when the caller knows them)."""
+        pos = self.index.get_indexer(keys) if pos is None else pos
         hit = pos >= 0
         take = np.where(hit, pos, 0)
         out = {}
@@ -160,9 +180,12 @@ class KeyedRows:
         return out
 
 
-def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, item_rows: pd.DataFrame | None,
-                      requests: pd.DataFrame, categories: pd.DataFrame | None) -> pd.DataFrame:
-    """Feature rows of ``candidates`` (one per row, same order and index).
+def assemble_features(candidates: pd.DataFrame | Mapping[str, np.ndarray], user_rows: pd.DataFrame | None,
+                      item_rows: pd.DataFrame | None, requests: pd.DataFrame | Mapping[str, np.ndarray],
+                      categories: pd.DataFrame | Mapping[str, np.ndarray] | None,
+                      item_positions: np.ndarray | None = None) -> pd.DataFrame:
+    """Feature rows of ``candidates`` (one per row, same order and index). ``candidates``, ``requests`` and
+    ``categories`` are frames or mappings of aligned column arrays (what a request passes, without frames).
 
     Args:
         candidates: ``query_id``, ``user_id``, ``item_id``, ``category`` (the item's) and the pool columns of
@@ -173,37 +196,40 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
         item_rows: Feast item features valid at the request, one row per ``item_id`` (None: unknown).
         requests: one row per ``query_id``: ``request_timestamp``, ``device``, ``location``.
         categories: :func:`category_state` of the queries' users at the request time.
+        item_positions: each candidate's row in ``item_rows`` (a :class:`KeyedRows`; -1: none), when the caller
+            has them (a server maps its catalog to the rows once per snapshot).
 
     Returns:
         :data:`FEATURE_COLUMNS` as float32.
     """
-    n = len(candidates)
+    n = _rows(candidates)
     out: dict[str, np.ndarray] = {}
-    query = candidates[QUERY_ID].to_numpy()
+    query = np.asarray(candidates[QUERY_ID])
+    codes, _ = pd.factorize(np.asarray(query, dtype=object))
     for s in SOURCES:
         rank = candidates.get(f"{s}_rank")
-        out[f"{s}_rank"] = rank.to_numpy(dtype=np.float32) if rank is not None else np.full(n, np.nan, np.float32)
+        out[f"{s}_rank"] = np.asarray(rank, dtype=np.float32) if rank is not None else np.full(n, np.nan, np.float32)
         score = candidates.get(f"{s}_score")
-        out[f"{s}_score_z"] = _zscore(score.to_numpy(dtype=np.float64), query) if score is not None \
+        out[f"{s}_score_z"] = _zscore(np.asarray(score, dtype=np.float64), query, codes) if score is not None \
             else np.full(n, np.nan, np.float32)
     for col in ("fused_score", "pool_rank", "n_sources"):
-        out[col] = candidates[col].to_numpy(dtype=np.float32)
+        out[col] = np.asarray(candidates[col], dtype=np.float32)
 
-    user_keys = candidates[USER_ID].astype(str).to_numpy()
-    item_keys = candidates[ITEM_ID].astype(str).to_numpy()
-    if categories is not None and len(categories):
-        state_users = categories[USER_ID].astype(str).to_numpy()
+    user_keys = _strs(candidates[USER_ID])
+    item_keys = _strs(candidates[ITEM_ID])
+    if categories is not None and _rows(categories):
+        state_users = _strs(categories[USER_ID])
         m = len(state_users)
         # (user, category) pairs as integer keys over the state's and the candidates' values together.
         u_codes, _ = pd.factorize(np.concatenate([state_users, user_keys]))
-        c_codes, c_uniques = pd.factorize(np.concatenate([categories["category"].astype(str).to_numpy(),
-                                                          candidates["category"].astype(str).to_numpy()]))
+        c_codes, c_uniques = pd.factorize(np.concatenate([_strs(categories["category"]),
+                                                          _strs(candidates["category"])]))
         keys = u_codes.astype(np.int64) * max(len(c_uniques), 1) + c_codes
         pos = pd.Index(keys[:m]).get_indexer(keys[m:])  # the state's pairs are unique
         hit = pos >= 0
         for col in ("category_affinity", "days_since_category"):
             values = np.full(n, np.nan, np.float32)
-            values[hit] = categories[col].to_numpy(dtype=np.float32)[pos[hit]]
+            values[hit] = np.asarray(categories[col], dtype=np.float32)[pos[hit]]
             out[col] = values
         out["category_affinity"] = np.nan_to_num(out["category_affinity"], nan=0.0)
         first_row = np.full(int(u_codes.max()) + 1 if len(u_codes) else 0, -1, dtype=np.int64)
@@ -211,15 +237,24 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
         first_row[users_in_state] = first
         user_pos = first_row[u_codes[m:]]
         events = np.full(n, np.nan, np.float32)
-        events[user_pos >= 0] = categories["user_history_events"].to_numpy(dtype=np.float32)[user_pos[user_pos >= 0]]
+        events[user_pos >= 0] = np.asarray(categories["user_history_events"], np.float32)[user_pos[user_pos >= 0]]
         out["user_history_events"] = events
     else:
         for col in HISTORY_COLUMNS:
             out[col] = np.full(n, np.float32(0.0) if col != "days_since_category" else np.nan, np.float32)
 
+    # Each query's first row; a query is one user (the pool's), so what is the user's or the request's is looked
+    # up once per query and given to its rows (row by row otherwise).
+    first = np.full(int(codes.max()) + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(first, codes, np.arange(n))
+    per_query = bool(n) and bool((user_keys == user_keys[first][codes]).all())
     user_table, item_table = KeyedRows.of(user_rows, USER_ID), KeyedRows.of(item_rows, ITEM_ID)
-    users = user_table.aligned(user_keys, [*USER_NUMERIC, *CONTEXT_USER_COLUMNS]) if user_table else {}
-    items = item_table.aligned(item_keys, [*ITEM_NUMERIC, *CONTEXT_ITEM_COLUMNS]) if item_table else {}
+    user_columns = [*USER_NUMERIC, *CONTEXT_USER_COLUMNS]
+    users_of_query = user_table.aligned(user_keys[first], user_columns) if user_table and per_query else {}
+    users = {c: v[codes] for c, v in users_of_query.items()} if per_query else \
+        user_table.aligned(user_keys, user_columns) if user_table else {}
+    items = item_table.aligned(item_keys, [*ITEM_NUMERIC, *CONTEXT_ITEM_COLUMNS], item_positions) if item_table \
+        else {}
     for cols, table in ((USER_NUMERIC, users), (ITEM_NUMERIC, items)):
         for col in cols:
             values = table.get(col)
@@ -228,20 +263,25 @@ def assemble_features(candidates: pd.DataFrame, user_rows: pd.DataFrame | None, 
                 continue
             out[col] = values.astype(np.float32) if values.dtype.kind in "biuf" else \
                 pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=np.float32)
-    req_pos = pd.Index(requests[QUERY_ID]).get_indexer(query)
+    req_pos = pd.Index(requests[QUERY_ID]).get_indexer(query[first])  # each query's request
     found = req_pos >= 0
     req: dict[str, np.ndarray] = {}
     for col in (REQUEST_TIMESTAMP, "device", "location"):
         if col not in requests:
             continue
-        req[col] = _missing_where(column_array(requests[col])[np.where(found, req_pos, 0)], ~found)
+        values = _missing_where(column_array(requests[col])[np.where(found, req_pos, 0)], ~found)
+        req[col] = values if per_query else values[codes]
     # Rows without their event_timestamp: each is the daily snapshot valid at the request (context_features).
-    out.update(context_feature_arrays(req, users, items, n))
+    if per_query:
+        out.update(context_feature_arrays(req, users_of_query, items, n, query=codes))
+    else:
+        out.update(context_feature_arrays(req, users, items, n))
     # One float32 block, column-major so each column is written contiguously (pandas keeps it as is).
     matrix = np.empty((n, len(FEATURE_COLUMNS)), dtype=np.float32, order="F")
     for j, col in enumerate(FEATURE_COLUMNS):
         matrix[:, j] = out[col]
-    return pd.DataFrame(matrix, columns=FEATURE_COLUMNS, index=candidates.index, copy=False)
+    index = candidates.index if isinstance(candidates, pd.DataFrame) else None
+    return pd.DataFrame(matrix, columns=FEATURE_COLUMNS, index=index, copy=False)
 
 
 def prior_scores(fused_score: np.ndarray, query: np.ndarray, weight: float) -> np.ndarray:

@@ -36,10 +36,12 @@ from pipeline_tasks.online.candidates import (
     demographic_context,
     fuse_arrays,
     item_counts,
+    ranked_order,
     source_lists,
     top_k,
     trending_rows,
 )
+from pipeline_tasks.online.context_features import column_array
 from pipeline_tasks.online.ranking_features import (
     FEATURE_COLUMNS,
     PRIOR,
@@ -171,16 +173,44 @@ class Moment:
     requests: pd.DataFrame | None = None  # optional per-user device / location of the request
 
 
+class FillLists(Mapping[str, list[str]]):
+    """Each user's popularity fill as item ids, converted from the catalog indices only for the users whose list
+    is read (a ranked list rarely needs filling)."""
+
+    def __init__(self, users: Sequence[str], idx: np.ndarray, item_array: np.ndarray) -> None:
+        self._row = {u: r for r, u in enumerate(users)}
+        self._idx, self._items = idx, item_array
+
+    def __getitem__(self, user: str) -> list[str]:
+        row = self._idx[self._row[user]]
+        return self._items[row[row >= 0]].tolist()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+
 @dataclass
 class Block:
     """One block of users: their pool with feature rows, and what ranking needs to fill and filter."""
 
     user_ids: list[str]
-    pool: pd.DataFrame  # query_id, user_id, item_id, category, pool columns
-    features: pd.DataFrame  # FEATURE_COLUMNS aligned to pool
-    popularity_fill: dict[str, list[str]]  # per user: popular allowed unseen items, best first
+    columns: dict[str, np.ndarray]  # the pool: query_id, user_id, item_id, category and the fused pool columns
+    features: pd.DataFrame  # FEATURE_COLUMNS aligned to the pool
+    popularity_fill: Mapping[str, list[str]]  # per user: popular allowed unseen items, best first (FillLists)
     cold: set[str]  # users without history before the moment
     source_lists: dict[str, tuple[np.ndarray, np.ndarray]]  # each source's own top lists (catalog indices)
+
+    @functools.cached_property
+    def pool(self) -> pd.DataFrame:
+        """The pool as a frame (built on first use: a request reads its arrays, :meth:`column`)."""
+        return pd.DataFrame(self.columns, copy=False)
+
+    def column(self, name: str) -> np.ndarray:
+        """A pool column as an array."""
+        return self.columns[name]
 
 
 @dataclass
@@ -207,6 +237,18 @@ class Prepared:
     context_trending: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)  # cold start
     user_keyed: KeyedRows | None = None  # user_table / item_table as arrays: what feature assembly reads
     item_keyed: KeyedRows | None = None
+    user_state: UserState | None = None  # every user's history-only part, precomputed (with_user_state)
+
+    @functools.cached_property
+    def orders(self) -> dict[str, np.ndarray]:
+        """The global trending and popularity counts' items best first (:func:`ranked_order`): what those sources'
+        lists walk instead of scoring the whole catalog per request."""
+        return {"trending": ranked_order(self.trending), "popularity": ranked_order(self.popularity)}
+
+    @functools.cached_property
+    def item_rows_of(self) -> np.ndarray | None:
+        """Each catalog item's row in :attr:`item_keyed` (-1: none), for feature assembly."""
+        return self.item_keyed.index.get_indexer(self.item_array) if self.item_keyed is not None else None
 
     @functools.cached_property
     def item_array(self) -> np.ndarray:
@@ -266,6 +308,74 @@ def prepare(fit: Fit, moment: Moment) -> Prepared:
                     keyed_rows(moment.users, USER_ID, keep="first"),  # the encoder and histories read the first
                     context_trending(hist, fit.item_ids, moment.at, cfg.trending_days, users=moment.users),
                     KeyedRows.of(user_table, USER_ID), KeyedRows.of(item_table, ITEM_ID))
+
+
+@dataclass
+class UserState:
+    """Each user's part of a block that depends only on the prepared history, for every user at once: the
+    history matrices and region (:class:`UserHistory`), the request context of their latest event
+    (:func:`_requests`), their per-category state (:func:`category_state`) and their two-tower embedding.
+
+    A server builds it once per snapshot (:func:`with_user_state`) with the same functions a block calls, so a
+    request of a user without fresh events takes their rows instead of recomputing them (the answers are the
+    same); a user with fresh events, or one it does not know, goes through the full path.
+    """
+
+    index: pd.Index  # user id -> row
+    history: UserHistory
+    requests: dict[str, np.ndarray]  # _requests' columns (column_array), one row per user in index order
+    categories: dict[str, np.ndarray]  # category_state of every user, by column
+    category_rows: dict[str, np.ndarray]  # user id -> its rows in `categories`
+    vectors: np.ndarray | None  # two-tower embeddings, in index order (None: the fit has no two-tower)
+
+    def rows(self, user_ids: Sequence[str]) -> np.ndarray | None:
+        """The users' rows, or None when any of them is unknown."""
+        pos = self.index.get_indexer(user_ids)
+        return None if (pos < 0).any() else pos
+
+    def history_of(self, rows: np.ndarray) -> UserHistory:
+        h = self.history
+        take = slice(int(rows[0]), int(rows[0]) + 1) if len(rows) == 1 else rows  # a row slice is cheaper
+        return UserHistory([h.user_ids[r] for r in rows], h.seen[take], h.recent[take], [h.region[r] for r in rows])
+
+    def requests_of(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {col: values[rows] for col, values in self.requests.items()}
+
+    def categories_of(self, user_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        parts = [self.category_rows[u] for u in user_ids if u in self.category_rows]
+        take = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return {col: values[take] for col, values in self.categories.items()}
+
+
+USER_STATE_CHUNK = 50_000  # users per embedding batch while building a UserState (bounds the encoder's inputs)
+
+
+def with_user_state(state: Prepared) -> Prepared:
+    """``state`` with every known user's :class:`UserState` (users with history and users of the users table)."""
+    fit, moment = state.fit, state.moment
+    ids = list(dict.fromkeys([*state.rows_of, *(state.users_table.index.astype(str) if state.users_table is not None
+                                                   else [])]))
+    users = state.users_table.reset_index(drop=True) if state.users_table is not None and moment.users is not None \
+        else None
+    history = UserHistory.build(state.history, ids, fit.graph.index, moment.at, fit.config, users)
+    requests = _requests(dataclasses.replace(moment, requests=None), ids, state.history)
+    categories = category_state(state.history, ids, state.category, moment.at).reset_index(drop=True)
+    category_rows = {str(u): np.asarray(r) for u, r in
+                     pd.Series(np.arange(len(categories))).groupby(categories[USER_ID].to_numpy()).indices.items()}
+    requests = {col: column_array(requests[col]) for col in requests.columns}
+    categories = {col: categories[col].to_numpy() for col in categories.columns}
+    vectors = None
+    if fit.model is not None:
+        parts = []
+        for start in range(0, len(ids), USER_STATE_CHUNK):
+            chunk = ids[start:start + USER_STATE_CHUNK]
+            users_of = _rows_of(state.users_table, chunk) if moment.users is not None else None
+            parts.append(_user_vectors(fit, chunk, state.history_of(chunk),
+                                       lambda c=chunk: _rows_of(state.user_table, c), users_of, None))
+        vectors = np.concatenate(parts) if parts else None
+    log.info("user state of %d users precomputed", len(ids))
+    user_state = UserState(pd.Index(ids, dtype=object), history, requests, categories, category_rows, vectors)
+    return dataclasses.replace(state, user_state=user_state)
 
 
 def _rows_of(table: pd.DataFrame | None, user_ids: Sequence[str]) -> pd.DataFrame | None:
@@ -351,49 +461,61 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
         moment = dataclasses.replace(moment, requests=requests)
     cfg = fit.config
     step = block_users or block_size(fit)
+    fresh_users = set(fresh[USER_ID].astype(str)) if fresh is not None and len(fresh) else set()
     for start in range(0, len(ids), step):
         chunk = ids[start:start + step]
-        hist = state.history_of(chunk, fresh)
-        users = _rows_of(state.users_table, chunk) if moment.users is not None else None
-        history = UserHistory.build(hist, chunk, fit.graph.index, moment.at, cfg, users)
+        # Users without fresh events that the precomputed state knows: their rows of it (the same values).
+        known = state.user_state.rows(chunk) if state.user_state is not None and not fresh_users & set(chunk) \
+            else None
+        hist = state.history_of(chunk, fresh) if known is None else None
+        users = _rows_of(state.users_table, chunk) if moment.users is not None and known is None else None
+        history = UserHistory.build(hist, chunk, fit.graph.index, moment.at, cfg, users) if known is None else \
+            state.user_state.history_of(known)
         if requests is not None and "location" in requests:
             given = requests.assign(**{USER_ID: requests[USER_ID].astype(str)}).drop_duplicates(USER_ID, keep="last")
             where = dict(zip(given[USER_ID], given["location"], strict=True))
             history.region = [str(where[u]) if isinstance(where.get(u), str) and where[u] else r
                               for u, r in zip(chunk, history.region, strict=True)]
         user_vectors = None
-        if fit.model is not None:
+        if fit.model is not None and known is not None and state.user_state.vectors is not None:
+            user_vectors = state.user_state.vectors[known]
+        elif fit.model is not None:
             user_vectors = _user_vectors(fit, chunk, hist, lambda chunk=chunk: _rows_of(state.user_table, chunk),
                                          users, vectors)
         cold_rows = np.diff(history.seen.indptr) == 0
         trending = state.trending
-        context = _requests(moment, chunk, hist)  # each user's request: time, device, location
+        # Each user's request: time, device, location.
+        context = _requests(moment, chunk, hist) if known is None or moment.requests is not None else \
+            state.user_state.requests_of(known)
         if cold_rows.any() and state.context_trending:  # a cold user gets the trending list of its context
+            if known is not None and moment.users is not None:
+                users = _rows_of(state.users_table, chunk)
             contexts = _cold_contexts(chunk, history.region, context, users, demographics)
             trending = trending_rows(state.trending, state.context_trending, cold_rows, contexts)
         lists = source_lists(user_vectors, state.item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
-                             trending, state.popularity, cfg)
+                             trending, state.popularity, cfg, orders=state.orders)
         fused = fuse_arrays(lists, cfg)
         query = np.asarray(chunk, dtype=object)[fused["row"].astype(np.int64)]
         item_index = fused["item"].astype(np.int64)
-        pool = pd.DataFrame({QUERY_ID: query, USER_ID: query, ITEM_ID: state.item_array[item_index], **fused,
-                             "category": catalog.category[item_index]}, copy=False)
-        fill: dict[str, list[str]] = {}
+        columns = {QUERY_ID: query, USER_ID: query, ITEM_ID: state.item_array[item_index], **fused,
+                   "category": catalog.category[item_index]}
+        fill: Mapping[str, list[str]] = {}
         if fill_k > cfg.pool_size or (lists.lists.get("popularity") is None and fill_k):
             allowed = catalog.allowed_for(history.region) & (history.seen.toarray() == 0)
             idx, _ = top_k(np.broadcast_to(state.popularity, allowed.shape), allowed, fill_k, positive_only=False)
-            fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
+            fill = FillLists(chunk, idx, state.item_array)
         elif "popularity" in lists.lists:
-            idx = lists.lists["popularity"][0]
-            fill = {u: [fit.item_ids[i] for i in row if i >= 0] for u, row in zip(chunk, idx, strict=True)}
+            fill = FillLists(chunk, lists.lists["popularity"][0], state.item_array)
         cold = {u for u, is_cold in zip(chunk, cold_rows, strict=True) if is_cold}
-        features = assemble_features(pool, state.user_keyed, state.item_keyed, context,
-                                     category_state(hist, chunk, state.category, moment.at))
-        yield Block(chunk, pool, features, fill, cold, lists.lists)
+        features = assemble_features(columns, state.user_keyed, state.item_keyed, context,
+                                     category_state(hist, chunk, state.category, moment.at) if known is None
+                                     else state.user_state.categories_of(chunk),
+                                     None if state.item_rows_of is None else state.item_rows_of[item_index])
+        yield Block(chunk, columns, features, fill, cold, lists.lists)
 
 
 def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = "ranker",
-               age_days: pd.Series | None = None, exclude: Mapping[str, Collection[str]] | None = None
+               age_days: pd.Series | np.ndarray | None = None, exclude: Mapping[str, Collection[str]] | None = None
                ) -> dict[str, list[tuple[str, float]]]:
     """Each user's top ``k`` ``(item_id, score)`` of a block.
 
@@ -401,9 +523,10 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
     (that source's score). With ``rules`` the business rules reorder the ranker's list (category cap,
     freshness, dedup; :mod:`pipeline_tasks.online.rules`). A list shorter than ``k`` is filled from
     popularity; cold users get the trending order. ``exclude`` names items per user never to return (a
-    request's ``exclude``, the recently-shown filter); they are dropped before ranking and filling.
+    request's ``exclude``, the recently-shown filter); they are dropped before ranking and filling. ``age_days``
+    is the freshness rule's item age by item id (:func:`item_age_days`), or as an array by catalog index.
     """
-    pool = block.pool
+    n = len(block.column(ITEM_ID))
     if order == "ranker":
         if fit.ranker is None:
             raise ValueError("this fit has no ranker; use order='pool'")
@@ -411,21 +534,22 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
         features = block.features if list(block.features.columns) == FEATURE_COLUMNS else \
             block.features[FEATURE_COLUMNS]
         score = fit.ranker.predict(features.to_numpy(np.float32), num_threads=1) + \
-            prior_scores(pool["fused_score"].to_numpy(), pool[QUERY_ID].to_numpy(), weight)
+            prior_scores(block.column("fused_score"), block.column(QUERY_ID), weight)
     elif order == "pool":
-        score = pool["fused_score"].to_numpy()
+        score = block.column("fused_score")
     elif order in SOURCES:
-        score = np.where(pool[f"{order}_rank"].notna(), -pool[f"{order}_rank"].to_numpy(dtype=float), -np.inf)
+        rank = np.asarray(block.column(f"{order}_rank"), dtype=float)
+        score = np.where(~np.isnan(rank), -rank, -np.inf)
     else:
         raise ValueError(f"order={order!r}: use 'ranker', 'pool' or one of {SOURCES}")
-    users = pool[USER_ID].to_numpy(dtype=object)
-    items = pool[ITEM_ID].to_numpy(dtype=object)
-    trend = pool["trending_rank"].to_numpy(dtype=float)
-    category = pool["category"].to_numpy(dtype=object)
-    keep = np.isfinite(score) if order in SOURCES else np.ones(len(pool), dtype=bool)
+    users = np.asarray(block.column(USER_ID), dtype=object)
+    items = np.asarray(block.column(ITEM_ID), dtype=object)
+    trend = np.asarray(block.column("trending_rank"), dtype=float)
+    category = np.asarray(block.column("category"), dtype=object)
+    keep = np.isfinite(score) if order in SOURCES else np.ones(n, dtype=bool)
     if exclude:
         pairs = {(u, i) for u, listed in exclude.items() for i in listed}
-        keep &= np.fromiter(((u, i) not in pairs for u, i in zip(users, items, strict=True)), bool, len(pool))
+        keep &= np.fromiter(((u, i) not in pairs for u, i in zip(users, items, strict=True)), bool, n)
     rows = np.flatnonzero(keep)
     # Per user (by id), best score first; ties keep the pool's order (a stable sort, as the lists always were).
     codes, names = pd.factorize(users[rows], sort=True)
@@ -433,8 +557,11 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
     codes = np.sort(codes, kind="stable")
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, int)
     ends = np.r_[starts[1:], len(codes)].astype(int)
-    ages = age_days.reindex(items[rows]).to_numpy(dtype=float) if rules and age_days is not None and len(rows) \
-        else np.full(len(rows), np.nan)
+    if rules and age_days is not None and len(rows):
+        ages = age_days[block.column("item")[rows]] if isinstance(age_days, np.ndarray) else \
+            age_days.reindex(items[rows]).to_numpy(dtype=float)
+    else:
+        ages = np.full(len(rows), np.nan)
     out: dict[str, list[tuple[str, float]]] = {}
     for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
         at = rows[start:end]

@@ -358,6 +358,39 @@ def _bento_service(ml100k_run, tmp_path_factory, redis_url: str, workers: int) -
                    tmp_path_factory.mktemp("logs") / f"bento-{port}.log")
 
 
+def test_precomputed_user_state_answers_like_the_full_path(ml100k_run):
+    """The per-user state a service precomputes once per snapshot (history matrices, request context, category
+    state, embedding) gives exactly the answers of the full per-request path: known, unknown users, with and
+    without a request context, and after fresh events (which take the full path)."""
+    from pipeline_tasks.online.bundle import open_bundle
+    from pipeline_tasks.online.engine import Engine, LocalState
+    from pipeline_tasks.online.snapshot import load_snapshot
+    from pipeline_tasks.online.two_stage import load_fit, prepare
+
+    bento = ml100k_run.run.manifest["tasks"]["build_bento"]["outputs"]
+    name, version = bento["tag"].split(":")
+    bundle_dir = Path(bento["bentoml_home"]) / "bentos" / name / version / "src" / "serving" / "bundle"
+    moment, info = load_snapshot(bundle_dir / "snapshot")
+    state = prepare(load_fit(open_bundle(bundle_dir).fit_dir(info.get("fit", "serving"))), moment)
+    fast = Engine(state, LocalState(), filter_shown=False)
+    full = Engine(state, LocalState(), filter_shown=False, precompute_users=False)
+    assert fast.state.user_state is not None and full.state.user_state is None
+    users = [*sorted(state.rows_of)[:40], "never-seen-user"]
+    items = list(state.fit.item_ids)
+
+    def same_answers() -> None:
+        for user in users:
+            for context in (None, {"device": "mobile", "location": "XX"}):
+                a, b = fast.recommend(user, 20, context), full.recommend(user, 20, context)
+                assert a.items == b.items and a.cold == b.cold, (user, context)
+
+    same_answers()
+    for n, user in enumerate(users[:5]):  # fresh events: these users take the full path in both
+        for engine in (fast, full):
+            engine.add_event(user, items[n], "click")
+    same_answers()
+
+
 def test_bento_of_the_run(ml100k_run):
     """`build_bento` built one Bento for the run, tagged with the model version and recorded in MLflow."""
     from pipeline_tasks.online.bundle import client
