@@ -184,6 +184,7 @@ class Engine:
         self.drill = drill
         if precompute_users and state.user_state is None:
             state = with_user_state(state)  # each user's history-only part, once per snapshot
+        _ = state.orders, state.item_rows_of  # computed once here, not by the first request
         self.state, self.store, self.rules = state, store, rules
         self.filter_shown, self.epsilon = filter_shown, epsilon
         self.embedding_ttl_s, self.shown_ttl_s = embedding_ttl_s, shown_ttl_s
