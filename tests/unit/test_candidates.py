@@ -241,3 +241,31 @@ def test_top_k_variants_agree_and_break_ties_by_index_at_the_cut(seed):
     idx_dense, vals_dense = top_k(np.broadcast_to(counts, allowed.shape), allowed, k, positive_only=True)
     np.testing.assert_array_equal(idx_ranked, idx_dense)
     np.testing.assert_array_equal(vals_ranked, vals_dense)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_of_wide_rows_is_the_exact_top_k(seed):
+    """Rows far wider than k take the sampled-threshold path; its lists equal the reference's: ties at the
+    cut, rows with fewer allowed items than k, rows of one repeated score, positive-only rows."""
+    from pipeline_tasks.online.candidates import WIDE_ROW_FACTOR
+
+    rng = np.random.default_rng(seed)
+    k = 12
+    n_items = WIDE_ROW_FACTOR * k * 3
+    scores = np.vstack([
+        rng.normal(size=n_items),                          # distinct scores
+        rng.integers(0, 5, size=n_items),                  # heavy ties at the cut
+        np.full(n_items, 0.5),                             # one repeated score
+        np.sort(rng.normal(size=n_items)),                 # best items at the end (worst case for the sample)
+        rng.normal(size=n_items),                          # few allowed (below)
+        rng.integers(-2, 2, size=n_items),                 # mostly non-positive
+    ]).astype(np.float32)
+    allowed = rng.random(scores.shape) > 0.2
+    allowed[4] = False
+    allowed[4, rng.choice(n_items, size=k // 2, replace=False)] = True
+    for positive in (True, False):
+        want = _reference_top(scores, allowed, k, positive)
+        idx, vals = top_k(scores, allowed, k, positive_only=positive)
+        assert [[i for i in row if i >= 0] for row in idx.tolist()] == want
+        got = np.take_along_axis(scores, np.where(idx >= 0, idx, 0), axis=1)
+        np.testing.assert_array_equal(np.where(idx >= 0, got, np.nan), vals)
