@@ -57,6 +57,8 @@ freshness_lag = Gauge("recsys_freshness_lag_seconds", "Seconds from the serving 
                       multiprocess_mode="max")
 snapshot_moment = Gauge("recsys_snapshot_moment_seconds", "The serving snapshot's moment (Unix seconds)",
                         multiprocess_mode="max")
+ranker_compiled = Gauge("recsys_ranker_compiled", "1 when the ranker runs as compiled trees (lleaves), 0 when as "
+                        "a LightGBM Booster", multiprocess_mode="min")
 refreshes = Counter("recsys_snapshot_refreshes", "Background snapshot swaps by outcome", ["outcome"])
 
 
@@ -218,6 +220,7 @@ class RecsysService:
             self._base_fit, self._fit, self._store, self.snapshot_dir = base_fit, fit, store, snapshot_dir
             self._shared_state = kind == "redis"
             self.engine = self._engine(state)
+            ranker_compiled.set(float(type(self.engine.state.fit.ranker).__name__ == "CompiledRanker"))
             _one_thread_per_worker()
             _freeze_heap()
             snapshot_moment.set(moment.at.timestamp())
@@ -236,12 +239,15 @@ class RecsysService:
         threading.Thread(target=self._watch, daemon=True, name="recsys-refresh").start()
 
     def _engine(self, state: Any) -> Any:
+        from pipeline_tasks.core.settings import load_settings
         from pipeline_tasks.online.engine import Engine
 
         return Engine(state, self._store, rules=_flag("RECSYS_RULES", "1"),
                       filter_shown=_flag("RECSYS_FILTER_SHOWN", "1"),
                       epsilon=float(os.environ.get("RECSYS_EPSILON", "0")),
-                      drill=os.environ.get("RECSYS_DRILL") or None)
+                      drill=os.environ.get("RECSYS_DRILL") or None,
+                      compiled_ranker=_flag("RECSYS_COMPILED_RANKER", "1"),
+                      ranker_cache_dir=str(load_settings().home / "cache" / "lleaves"))
 
     def _watch(self) -> None:
         """Swap in the snapshot the pointer names whenever it changes (see the module docstring)."""

@@ -22,6 +22,7 @@ answered.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -176,7 +177,8 @@ class Engine:
 
     def __init__(self, state: Prepared, store: StateStore | None = None, rules: bool = True,
                  filter_shown: bool = True, epsilon: float = 0.0, embedding_ttl_s: float = EMBEDDING_TTL_S,
-                 shown_ttl_s: float = SHOWN_TTL_S, drill: str | None = None, precompute_users: bool = True) -> None:
+                 shown_ttl_s: float = SHOWN_TTL_S, drill: str | None = None, precompute_users: bool = True,
+                 compiled_ranker: bool = False, ranker_cache_dir: str | None = None) -> None:
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon={epsilon}: use a probability in [0, 1]")
         if drill not in DRILLS:
@@ -184,6 +186,8 @@ class Engine:
         self.drill = drill
         if precompute_users and state.user_state is None:
             state = with_user_state(state)  # each user's history-only part, once per snapshot
+        if compiled_ranker:
+            state = _with_compiled_ranker(state, ranker_cache_dir)
         _ = state.orders, state.item_rows_of  # computed once here, not by the first request
         self.state, self.store, self.rules = state, store, rules
         self.filter_shown, self.epsilon = filter_shown, epsilon
@@ -293,6 +297,25 @@ class Engine:
         guarded("add_event", str(user_id), event)
         guarded("drop_vector", str(user_id))
         return failures
+
+
+def _with_compiled_ranker(state: Prepared, cache_dir: str | None, users: int = 8) -> Prepared:
+    """``state`` with its fit's ranker compiled (:mod:`pipeline_tasks.online.compiled_ranker`) when the compiled
+    model gives the Booster's scores on the candidates of a few of the snapshot's users; else ``state``."""
+    from pipeline_tasks.online.compiled_ranker import CompiledRanker, compile_ranker, verified
+    from pipeline_tasks.online.ranking_features import FEATURE_COLUMNS
+
+    booster = state.fit.ranker
+    if booster is None or isinstance(booster, CompiledRanker):
+        return state
+    compiled = compile_ranker(booster, cache_dir)
+    if compiled is None:
+        return state
+    sample = sorted(state.rows_of)[:users]
+    rows = [block.features[FEATURE_COLUMNS].to_numpy(np.float32) for block in user_blocks(state, sample, fill_k=0)]
+    if not rows or not verified(compiled, booster, np.vstack(rows)):
+        return state
+    return dataclasses.replace(state, fit=dataclasses.replace(state.fit, ranker=compiled))
 
 
 # Canary drills: serve a deliberately degraded ranking of the candidates (random order, or the ranker's worst first).

@@ -10,7 +10,7 @@ the shared protocol (NDCG@10, recall@10/@100/@500 with 95 % bootstrap CIs). Leve
 - candidates scored: ``pool_size:rank_size`` (each source's list length N, and how many of the fused pool the
   ranker scores; the default is ``N:2N``);
 - model size: the first fraction of the ranker's trees (``--trees``; LightGBM's ``num_iteration``);
-- compiled trees: the same model compiled by lleaves (``pip install -e ".[bench]"``; skipped when missing), its
+- compiled trees: the same model compiled by lleaves (the ``serving`` extra; skipped when missing), its
   scores compared with LightGBM's.
 
 Per variant it also times the ranker alone on one request's candidates (``rank_size`` rows of the test pools,
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import lleaves
     except ImportError:
-        compiled = {"skipped": "lleaves is not installed (pip install -e '.[bench]')"}
+        compiled = {"skipped": "lleaves is not installed (pip install -e '.[serving]')"}
         log.warning(compiled["skipped"])
     else:
         with tempfile.TemporaryDirectory() as tmp:

@@ -137,8 +137,12 @@ def served(ml100k_run, tmp_path_factory):
 
 
 def test_parity_with_recsys_recommend(served, tmp_path):
-    """Same bundle, `recsys recommend --as-of` = the snapshot moment, first request per user: same lists."""
+    """Same bundle, `recsys recommend --as-of` = the snapshot moment, first request per user: same lists. The
+    service scores with the ranker compiled to machine code (lleaves), `recsys recommend` with the LightGBM
+    Booster: the lists are the same."""
     client, registered = served["client"], served["registered"]
+    compiled = [line for line in client.get("/metrics").text.splitlines() if line.startswith("recsys_ranker_compiled")]
+    assert compiled and float(compiled[0].split()[-1]) == 1.0, compiled
     users = sorted(served["inter"]["user_id"].astype(str).unique())[:6]
     got = {}
     for user in users:
