@@ -12,6 +12,7 @@ hash, the lleaves version and the CPU's features, so a restarted worker loads it
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import os
 import platform
@@ -62,7 +63,7 @@ def compile_ranker(booster: Any, cache_dir: str | Path | None = None) -> Compile
         log.info("lleaves is not installed: the ranker runs as a LightGBM Booster")
         return None
     text = booster.model_to_string()
-    version = getattr(lleaves, "__version__", "unknown")
+    version = importlib.metadata.version("lleaves")
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     cache_root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "recsys-lleaves"
     cache = cache_root / f"ranker-{key}-lleaves{version}-{_cpu_key()}.o"
