@@ -6,8 +6,9 @@ request is the same code with a block of one user.
 
 Sources (:data:`SOURCES`):
 
-- ``two_tower``: inner product of the user's and the items' two-tower embeddings (exact here; an ANN
-  index can replace the search, see :func:`top_k`).
+- ``two_tower``: inner product of the user's and the items' two-tower embeddings, exact, with one definition
+  everywhere (:class:`TwoTowerItems`: the float64 inner product rounded to float32); on large catalogs its
+  top-k reads a low-dimensional projection of the catalog and scores exactly only the items it cannot rule out.
 - ``i2i``: item-to-item neighbours of the user's recent items. Neighbours are items co-occurring in
   users' histories: the cosine of the user-item incidence columns, or (``graph="ease"``, catalogs up
   to :data:`EASE_MAX_ITEMS`) EASE's closed-form item-item weights, which discount items that co-occur
@@ -540,6 +541,121 @@ def ranked_order(scores: np.ndarray) -> np.ndarray:
     return positive[np.argsort(-values[positive], kind="stable")]
 
 
+PRUNE_MIN_ITEMS = 20_000  # catalogs at least this large take the pruned exact two-tower top-k
+HEAD_ENERGY = 0.998  # the pruned top-k's projection keeps the principal axes holding this share of the variance
+PAIR_CHUNK = 1 << 16  # (user, item) pairs scored at once (bounds the float64 temporaries)
+
+
+class TwoTowerItems:
+    """The catalog's two-tower item vectors and the one definition of a two-tower score: the inner product of
+    the user's and the item's float32 vectors computed in float64 and rounded to float32. (A float32 BLAS
+    product gives results that depend on the batch: one user scored alone and inside a block of users differed
+    by up to 1e-5 here; in float64 such differences vanish in the rounding.)
+
+    On catalogs of :data:`PRUNE_MIN_ITEMS` items or more, :meth:`top_k` does not score the whole catalog: the
+    vectors are rotated onto their principal axes once (the head: the first axes holding :data:`HEAD_ENERGY` of
+    the variance, at least 8 and at most half of them; a few axes hold nearly all of it in trained embeddings),
+    each item's score is bounded by its head product plus or minus the product of the tail norms
+    (Cauchy-Schwarz), and only items whose upper bound reaches the ``k``-th best lower bound are scored exactly.
+    Every item of the exact top ``k``, ties at the cut included, passes that test, so the lists are
+    :func:`top_k`'s of the full scores (tested). A flat spectrum only makes the test pass more items.
+    """
+
+    def __init__(self, vectors: np.ndarray, prune: bool | None = None) -> None:
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.shape = self.vectors.shape
+        n, dim = self.shape
+        self.pruned = (n >= PRUNE_MIN_ITEMS if prune is None else prune) and dim >= 16
+        v64 = self.vectors.astype(np.float64)
+        # A small catalog keeps a float64 copy (its full score matrix is computed per block); a pruned one does not.
+        self._v64 = None if self.pruned else v64
+        if self.pruned:
+            eigval, eigvec = np.linalg.eigh(v64.T @ v64)
+            order = np.argsort(-eigval, kind="stable")
+            basis, energy = eigvec[:, order], np.cumsum(np.clip(eigval[order], 0, None))
+            share = energy / energy[-1] if energy[-1] > 0 else np.ones(dim)
+            self.head_dims = h = int(np.clip(np.searchsorted(share, HEAD_ENERGY) + 1, 8, dim // 2))
+            self.head_basis, self.tail_basis = basis[:, :h], basis[:, h:]
+            rotated = v64 @ basis
+            self.head_t = np.ascontiguousarray(rotated[:, :h].T, dtype=np.float32)  # (head dims, items)
+            self.tail_norm = np.linalg.norm(rotated[:, h:], axis=1).astype(np.float32)
+            self.norm_max = float(np.linalg.norm(v64, axis=1).max()) if n else 0.0
+
+    def all_scores(self, user_vectors: np.ndarray) -> np.ndarray:
+        """Every (user, item) score, ``(users, items)`` float32."""
+        v64 = self._v64 if self._v64 is not None else self.vectors.astype(np.float64)
+        return (np.asarray(user_vectors, np.float32).astype(np.float64) @ v64.T).astype(np.float32)
+
+    def pair_scores(self, user_vectors: np.ndarray, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The scores of the pairs ``(user_vectors[rows[i]], item items[i])``, float32."""
+        users = np.asarray(user_vectors, np.float32).astype(np.float64)
+        rows, items = np.asarray(rows, np.int64), np.asarray(items, np.int64)
+        if len(rows) and (rows == rows[0]).all():  # one user's items (a request): a matrix-vector product
+            return (self.vectors[items].astype(np.float64) @ users[rows[0]]).astype(np.float32)
+        out = np.empty(len(rows), np.float32)
+        for start in range(0, len(rows), PAIR_CHUNK):
+            part = slice(start, start + PAIR_CHUNK)
+            out[part] = np.einsum("ij,ij->i", users[rows[part]], self.vectors[items[part]].astype(np.float64))
+        return out
+
+    def top_k(self, user_vectors: np.ndarray, allowed: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`top_k` of :meth:`all_scores` (``positive_only`` off), pruned on large catalogs."""
+        if not self.pruned:
+            return top_k(self.all_scores(user_vectors), allowed, k, positive_only=False)
+        users = np.asarray(user_vectors, np.float32).astype(np.float64)
+        n = self.shape[0]
+        out_idx = np.full((len(users), k), -1, dtype=np.int64)
+        out_score = np.full((len(users), k), np.nan, dtype=np.float32)
+        heads = (users @ self.head_basis).astype(np.float32)
+        tails = np.linalg.norm(users @ self.tail_basis, axis=1).astype(np.float32)
+        for row in range(len(users)):
+            ok = allowed[row]
+            coarse = heads[row] @ self.head_t  # the head products, float32
+            # Float32 rounding of the head product, the norms and the final score is far below this margin.
+            spread = tails[row] * self.tail_norm
+            spread += np.float32(1e-4 * np.linalg.norm(users[row]) * self.norm_max)
+            upper = coarse + spread
+            lower = np.subtract(coarse, spread, out=coarse)
+            np.copyto(lower, -np.inf, where=~ok)
+            if int(np.count_nonzero(ok)) > k:
+                kth = np.partition(lower, n - k)[n - k]  # the k-th best lower bound: k items score at least this
+                cand = np.flatnonzero((upper >= kth) & ok)
+            else:
+                cand = np.flatnonzero(ok)
+            if not len(cand):
+                continue
+            exact = self.pair_scores(users[row:row + 1], np.zeros(len(cand), np.int64), cand)
+            best = _best_positions(exact, k)  # cand is ascending: positions break ties by catalog index
+            out_idx[row, :len(best)] = cand[best]
+            out_score[row, :len(best)] = exact[best]
+        return out_idx, out_score
+
+
+def _best_positions(values: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the ``k`` largest finite ``values``, best first, equal values by position (at the cut
+    too): :func:`top_k` of one row, without its masking."""
+    finite = np.flatnonzero(np.isfinite(values))
+    if len(finite) > k:
+        part = finite[np.argpartition(-values[finite], k - 1)[:k]]
+        cut = values[part].min()
+        above = finite[values[finite] > cut]
+        finite = np.concatenate([above, finite[values[finite] == cut][:k - len(above)]])
+    return finite[np.lexsort((finite, -values[finite]))]
+
+
+class TwoTowerScores:
+    """A block's two-tower scores read like the dense ``(rows, items)`` matrix (:meth:`TwoTowerItems.pair_scores`
+    of the pairs asked for), for catalogs too large to score whole per request."""
+
+    def __init__(self, items: TwoTowerItems, user_vectors: np.ndarray) -> None:
+        self.items, self.user_vectors = items, np.asarray(user_vectors, np.float32)
+        self.shape = (len(self.user_vectors), items.shape[0])
+
+    def __getitem__(self, key: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        rows, items = key
+        return self.items.pair_scores(self.user_vectors, rows, items)
+
+
 class SparseScores:
     """A block's sparse scores read like the dense ``(rows, items)`` matrix they stand for (absent = 0):
     ``shape`` and ``[rows, items]`` lookups, which is what fusion reads of them."""
@@ -571,8 +687,9 @@ class SourceLists:
     dense: dict[str, np.ndarray]
 
 
-def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | None, history: UserHistory,
-                 rows: slice, graph: ItemGraph, catalog: ItemTable, trending: np.ndarray, popularity: np.ndarray,
+def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | TwoTowerItems | None,
+                 history: UserHistory, rows: slice, graph: ItemGraph, catalog: ItemTable, trending: np.ndarray,
+                 popularity: np.ndarray,
                  config: CandidateConfig, k: int | None = None, orders: Mapping[str, np.ndarray] | None = None
                  ) -> SourceLists:
     """Every source's top-k (default ``pool_size``) for the users ``history.user_ids[rows]``; ``trending`` is one
@@ -589,8 +706,10 @@ def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | Non
     recent = history.recent[rows]
     sparse = {"i2i": (recent @ graph.cooccurrence).tocsr(), "content": (recent @ graph.content).tocsr()}
     dense: dict[str, Any] = {name: SparseScores(matrix) for name, matrix in sparse.items()}
+    tower = None
     if user_vectors is not None and item_vectors is not None:
-        dense["two_tower"] = (np.asarray(user_vectors, np.float32) @ np.asarray(item_vectors, np.float32).T)
+        tower = item_vectors if isinstance(item_vectors, TwoTowerItems) else TwoTowerItems(item_vectors)
+        dense["two_tower"] = TwoTowerScores(tower, user_vectors) if tower.pruned else tower.all_scores(user_vectors)
     n = allowed.shape[0]
     dense["trending"] = np.broadcast_to(trending, (n, trending.shape[-1]))  # one row for all, or one per user
     dense["popularity"] = np.broadcast_to(popularity, (n, len(popularity)))
@@ -600,6 +719,8 @@ def source_lists(user_vectors: np.ndarray | None, item_vectors: np.ndarray | Non
             continue
         if source in sparse:
             lists[source] = top_k_sparse(sparse[source], allowed, k)
+        elif source == "two_tower" and tower is not None and tower.pruned:
+            lists[source] = tower.top_k(user_vectors, allowed, k)
         elif source in orders and (source != "trending" or np.ndim(trending) == 1):
             lists[source] = top_k_ranked(orders[source], trending if source == "trending" else popularity,
                                          allowed, k)

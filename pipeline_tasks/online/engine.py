@@ -188,7 +188,7 @@ class Engine:
             state = with_user_state(state)  # each user's history-only part, once per snapshot
         if compiled_ranker:
             state = _with_compiled_ranker(state, ranker_cache_dir)
-        _ = state.orders, state.item_rows_of  # computed once here, not by the first request
+        _ = state.orders, state.item_rows_of, state.two_tower_items  # computed once here, not by the first request
         self.state, self.store, self.rules = state, store, rules
         self.filter_shown, self.epsilon = filter_shown, epsilon
         self.embedding_ttl_s, self.shown_ttl_s = embedding_ttl_s, shown_ttl_s

@@ -31,6 +31,7 @@ from pipeline_tasks.online.candidates import (
     CandidateConfig,
     ItemGraph,
     ItemTable,
+    TwoTowerItems,
     UserHistory,
     context_trending,
     demographic_context,
@@ -238,6 +239,11 @@ class Prepared:
     user_keyed: KeyedRows | None = None  # user_table / item_table as arrays: what feature assembly reads
     item_keyed: KeyedRows | None = None
     user_state: UserState | None = None  # every user's history-only part, precomputed (with_user_state)
+
+    @functools.cached_property
+    def two_tower_items(self) -> TwoTowerItems | None:
+        """The item vectors as the two-tower source scores them (its pruning set-up computed once)."""
+        return None if self.item_vectors is None else TwoTowerItems(self.item_vectors)
 
     @functools.cached_property
     def orders(self) -> dict[str, np.ndarray]:
@@ -492,7 +498,7 @@ def user_blocks(state: Prepared, user_ids: Sequence[str], fill_k: int = 0,
                 users = _rows_of(state.users_table, chunk)
             contexts = _cold_contexts(chunk, history.region, context, users, demographics)
             trending = trending_rows(state.trending, state.context_trending, cold_rows, contexts)
-        lists = source_lists(user_vectors, state.item_vectors, history, slice(0, len(chunk)), fit.graph, catalog,
+        lists = source_lists(user_vectors, state.two_tower_items, history, slice(0, len(chunk)), fit.graph, catalog,
                              trending, state.popularity, cfg, orders=state.orders)
         fused = fuse_arrays(lists, cfg)
         query = np.asarray(chunk, dtype=object)[fused["row"].astype(np.int64)]

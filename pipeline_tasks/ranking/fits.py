@@ -32,6 +32,7 @@ from pipeline_tasks.online.candidates import (
     BLOCK_CELLS,
     CandidateConfig,
     ItemTable,
+    TwoTowerItems,
     UserHistory,
     build_item_graph,
     fuse,
@@ -117,7 +118,7 @@ def choose_candidates(fit: Fit, moment: Moment, truth: dict[str, set[str]], base
     hist = moment.history[moment.history[TIMESTAMP] < moment.at]
     popularity = item_counts(hist, fit.item_ids, moment.at)
     trending = {d: item_counts(hist, fit.item_ids, moment.at, days=d) for d in trending_grid}
-    item_vectors = fit.model.item_embeddings(moment.item_rows) if fit.model is not None else None
+    item_vectors = TwoTowerItems(fit.model.item_embeddings(moment.item_rows)) if fit.model is not None else None
     combos = [(d, w) for d in trending_grid for w in weight_grid]
     hits = np.zeros(len(combos))
     step = max(1, BLOCK_CELLS // max(n_items, 1))

@@ -269,3 +269,36 @@ def test_top_k_of_wide_rows_is_the_exact_top_k(seed):
         assert [[i for i in row if i >= 0] for row in idx.tolist()] == want
         got = np.take_along_axis(scores, np.where(idx >= 0, idx, 0), axis=1)
         np.testing.assert_array_equal(np.where(idx >= 0, got, np.nan), vals)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pruned_two_tower_top_k_is_the_exact_top_k(seed):
+    """On a large catalog the two-tower top-k bounds scores by a projection and scores exactly only what it
+    cannot rule out: the lists equal the exact top-k of every score (duplicate vectors tie at the cut), and a
+    pair's score is the same read alone, in a block or from the full matrix."""
+    from pipeline_tasks.online.candidates import PRUNE_MIN_ITEMS, TwoTowerItems
+
+    rng = np.random.default_rng(seed)
+    n_items, dim, k = PRUNE_MIN_ITEMS + 500, 32, 60
+    # Trained embeddings: most variance in a few directions, plus a small spread in all.
+    basis = rng.normal(size=(6, dim))
+    items = (rng.normal(size=(n_items, 6)) * [4, 3, 2, 1.5, 1, 0.5]) @ basis + 0.05 * rng.normal(size=(n_items, dim))
+    users = rng.normal(size=(5, 6)) @ basis + 0.05 * rng.normal(size=(5, dim))
+    cut = int(np.argsort(-(items @ users[0]))[k - 5])  # user 0's item just above the cut
+    items[1000:1400] = items[cut]  # 400 copies of it: a tie straddling user 0's cut
+    allowed = rng.random((5, n_items)) > 0.1
+    allowed[4] = False
+    allowed[4, :k // 2] = True  # fewer allowed items than k
+    tower = TwoTowerItems(items.astype(np.float32))
+    assert tower.pruned
+    full = tower.all_scores(users.astype(np.float32))
+    want_idx, want_vals = top_k(full, allowed, k, positive_only=False)
+    idx, vals = tower.top_k(users.astype(np.float32), allowed, k)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(vals, want_vals)
+    tied = [i for i in idx[0].tolist() if i == cut or 1000 <= i < 1400]
+    assert len(tied) > 1 and 1399 not in tied and tied == sorted(tied)  # the tie went to the lowest indices
+    rows, cols = np.repeat(np.arange(5), 300), rng.integers(0, n_items, size=1500)
+    np.testing.assert_array_equal(tower.pair_scores(users.astype(np.float32), rows, cols), full[rows, cols])
+    alone = tower.all_scores(users[2:3].astype(np.float32))[0]
+    np.testing.assert_array_equal(alone, full[2])
