@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -34,15 +35,22 @@ import numpy as np
 log = logging.getLogger("bench_request_path")
 
 
+class _Stages:
+    """Stage timings of the variant being run (the wrappers write where :attr:`current` points)."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, list[float]] = defaultdict(list)
+
+
 @contextlib.contextmanager
-def _timed(stages: dict[str, list[float]]) -> Iterator[None]:
+def _timed(stages: _Stages) -> Iterator[None]:
     """Wrap the shared path's stage functions where the request path looks them up; restore them after."""
     from pipeline_tasks.online import candidates, engine, two_stage
 
     targets = [(two_stage, "source_lists", "sources"), (two_stage, "fuse_arrays", "fusion"),
                (two_stage, "assemble_features", "features"), (two_stage, "apply_rules", "rules"),
                (candidates, "top_k", "sources.top_k_dense"), (candidates, "top_k_sparse", "sources.top_k_sparse"),
-               (engine.Engine, "_describe", "describe")]
+               (candidates.TwoTowerItems, "top_k", "sources.two_tower"), (engine.Engine, "_describe", "describe")]
     saved = []
 
     def wrap(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -51,7 +59,7 @@ def _timed(stages: dict[str, list[float]]) -> Iterator[None]:
             try:
                 return fn(*args, **kwargs)
             finally:
-                stages[name].append((time.perf_counter() - t0) * 1000)
+                stages.current[name].append((time.perf_counter() - t0) * 1000)
         return timed
 
     for owner, attr, name in targets:
@@ -65,7 +73,7 @@ def _timed(stages: dict[str, list[float]]) -> Iterator[None]:
             setattr(owner, attr, fn)
 
 
-def _ranker_timer(state: Any, stages: dict[str, list[float]]) -> None:
+def _ranker_timer(state: Any, stages: _Stages) -> None:
     ranker = state.fit.ranker
     predict = ranker.predict
 
@@ -74,23 +82,33 @@ def _ranker_timer(state: Any, stages: dict[str, list[float]]) -> None:
         try:
             return predict(*args, **kwargs)
         finally:
-            stages["ranker"].append((time.perf_counter() - t0) * 1000)
+            stages.current["ranker"].append((time.perf_counter() - t0) * 1000)
 
     ranker.predict = timed  # an instance attribute: this state's ranker only
 
 
-def _run(engine: Any, users: list[str], k: int) -> tuple[list[float], dict[str, list[float]], list[list[str]]]:
-    stages: dict[str, list[float]] = defaultdict(list)
-    totals, answers = [], []
-    _ranker_timer(engine.state, stages)
+def _run(engines: list[Any], users: list[str], k: int
+         ) -> list[tuple[list[float], dict[str, list[float]], list[list[str]]]]:
+    """Each user's first request to every engine, interleaved (user by user, the engines' order alternating),
+    so that a drift of the machine's speed falls on every variant alike."""
+    stages = _Stages()
+    per = [([], defaultdict(list), []) for _ in engines]
+    for engine in engines:
+        _ranker_timer(engine.state, stages)
     with _timed(stages):
-        for user in users:
-            t0 = time.perf_counter()
-            answer = engine.recommend(user, k=k, filter_shown=False)
-            totals.append((time.perf_counter() - t0) * 1000)
-            answers.append([r.item_id for r in answer.items])
-    del engine.state.fit.ranker.predict
-    return totals, stages, answers
+        for n, user in enumerate(users):
+            order = range(len(engines)) if n % 2 == 0 else reversed(range(len(engines)))
+            for i in order:
+                totals, timings, answers = per[i]
+                stages.current = timings
+                t0 = time.perf_counter()
+                answer = engines[i].recommend(user, k=k, filter_shown=False)
+                totals.append((time.perf_counter() - t0) * 1000)
+                answers.append([r.item_id for r in answer.items])
+    for engine in engines:
+        with contextlib.suppress(AttributeError):
+            del engine.state.fit.ranker.predict
+    return per
 
 
 def _summary(label: str, totals: list[float], stages: dict[str, list[float]], n: int) -> dict[str, Any]:
@@ -113,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-share", type=float, default=0.05)
     parser.add_argument("--compare-compiled", action="store_true",
                         help="run the Booster and the compiled ranker back to back; check identical answers")
+    parser.add_argument("--compare-scan", action="store_true",
+                        help="also run the full two-tower scan (no pruning); check identical answers")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     from pipeline_tasks.online.bundle import open_bundle
+    from pipeline_tasks.online.candidates import TwoTowerItems
     from pipeline_tasks.online.engine import Engine
     from pipeline_tasks.online.snapshot import load_snapshot
     from pipeline_tasks.online.two_stage import load_fit, prepare, with_extension_items
@@ -142,24 +163,35 @@ def main(argv: list[str] | None = None) -> int:
              for _ in range(args.requests)]
     users = list(dict.fromkeys(users))  # each user's first request
     results = []
+    # (label, pruned two-tower top-k, compiled ranker)
+    variants = [("compiled ranker, pruned two-tower top-k", True, True)]
+    if args.compare_compiled:
+        variants.insert(0, ("LightGBM Booster, pruned two-tower top-k", True, False))
+    if args.compare_scan:
+        variants.insert(0, ("compiled ranker, full two-tower scan", False, True))
     with threadpool_limits(1):
-        variants = [("compiled ranker", True)] if not args.compare_compiled else \
-            [("LightGBM Booster", False), ("compiled ranker", True)]
-        answers = []
-        for label, compiled in variants:
+        engines = []
+        for label, pruned, compiled in variants:
             t0 = time.perf_counter()
-            engine = Engine(state, None, filter_shown=False, compiled_ranker=compiled)
+            engines.append(Engine(state, None, filter_shown=False, compiled_ranker=compiled))
+            if not pruned and state.item_vectors is not None:  # the request path reads this cached property
+                engines[-1].state.__dict__["two_tower_items"] = TwoTowerItems(state.item_vectors, prune=False)
             log.info("%s: engine ready in %.1f s (ranker: %s)", label, time.perf_counter() - t0,
-                     type(engine.state.fit.ranker).__name__)
+                     type(engines[-1].state.fit.ranker).__name__)
+        for engine in engines:
             for user in users[:20]:  # warm-up
                 engine.recommend(user, k=args.k, filter_shown=False)
-            totals, stages, got = _run(engine, users, args.k)
-            results.append(_summary(label, totals, stages, len(users)))
-            answers.append(got)
+        gc.collect()
+        gc.freeze()  # as the service does after loading: no full collection walks the loaded state mid-request
+        per = _run(engines, users, args.k)
+    answers = []
+    for (label, _, _), (totals, stages, got) in zip(variants, per, strict=True):
+        results.append(_summary(label, totals, stages, len(users)))
+        answers.append(got)
     identical = None
-    if len(answers) == 2:
-        identical = answers[0] == answers[1]
-        log.info("answers identical between the Booster and the compiled ranker: %s", identical)
+    if len(answers) > 1:
+        identical = all(a == answers[0] for a in answers[1:])
+        log.info("answers identical across the variants: %s", identical)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("cores: %d, peak RSS %.2f GiB", os.cpu_count() or 0, peak_gib)
     if args.json:
