@@ -220,7 +220,6 @@ class RecsysService:
             self._base_fit, self._fit, self._store, self.snapshot_dir = base_fit, fit, store, snapshot_dir
             self._shared_state = kind == "redis"
             self.engine = self._engine(state)
-            ranker_compiled.set(float(type(self.engine.state.fit.ranker).__name__ == "CompiledRanker"))
             _one_thread_per_worker()
             _freeze_heap()
             snapshot_moment.set(moment.at.timestamp())
@@ -242,12 +241,14 @@ class RecsysService:
         from pipeline_tasks.core.settings import load_settings
         from pipeline_tasks.online.engine import Engine
 
-        return Engine(state, self._store, rules=_flag("RECSYS_RULES", "1"),
-                      filter_shown=_flag("RECSYS_FILTER_SHOWN", "1"),
-                      epsilon=float(os.environ.get("RECSYS_EPSILON", "0")),
-                      drill=os.environ.get("RECSYS_DRILL") or None,
-                      compiled_ranker=_flag("RECSYS_COMPILED_RANKER", "1"),
-                      ranker_cache_dir=str(load_settings().home / "cache" / "lleaves"))
+        engine = Engine(state, self._store, rules=_flag("RECSYS_RULES", "1"),
+                        filter_shown=_flag("RECSYS_FILTER_SHOWN", "1"),
+                        epsilon=float(os.environ.get("RECSYS_EPSILON", "0")),
+                        drill=os.environ.get("RECSYS_DRILL") or None,
+                        compiled_ranker=_flag("RECSYS_COMPILED_RANKER", "1"),
+                        ranker_cache_dir=str(load_settings().home / "cache" / "lleaves"))
+        ranker_compiled.set(float(type(engine.state.fit.ranker).__name__ == "CompiledRanker"))  # refreshes too
+        return engine
 
     def _watch(self) -> None:
         """Swap in the snapshot the pointer names whenever it changes (see the module docstring)."""

@@ -437,10 +437,22 @@ def _tied_cut(masked: np.ndarray, part: np.ndarray) -> np.ndarray:
     return part
 
 
+def _best_positions(values: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the ``k`` largest finite ``values``, best first, equal values by position (at the cut
+    too): :func:`top_k` of one row, without its masking."""
+    finite = np.flatnonzero(np.isfinite(values))
+    if len(finite) > k:
+        part = finite[np.argpartition(-values[finite], k - 1)[:k]]
+        cut = values[part].min()
+        above = finite[values[finite] > cut]
+        finite = np.concatenate([above, finite[values[finite] == cut][:k - len(above)]])
+    return finite[np.lexsort((finite, -values[finite]))]
+
+
 WIDE_ROW_FACTOR = 16  # rows at least this many times wider than k take :func:`_top_k_wide`
 
 
-def _top_k_wide(masked: np.ndarray, k: int, width: int, out_idx: np.ndarray, out_score: np.ndarray
+def _top_k_wide(masked: np.ndarray, width: int, out_idx: np.ndarray, out_score: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`top_k` of rows much wider than ``width``, row by row, with the same result: the ``width``-th best
     of a strided sample of a row is a score at least ``width`` items of the row reach, so only the items at or
@@ -456,16 +468,9 @@ def _top_k_wide(masked: np.ndarray, k: int, width: int, out_idx: np.ndarray, out
             cols = np.flatnonzero(values >= cut)  # ascending: positions keep the catalog order for ties
         else:
             cols = np.flatnonzero(values > -np.inf)
-        sub = values[cols][None, :]
-        if len(cols) > width:
-            part = _tied_cut(sub, np.argpartition(-sub, width - 1, axis=1)[:, :width])
-        else:
-            part = np.arange(len(cols))[None, :]
-        part = np.sort(part, axis=1)
-        vals = sub[0, part[0]]
-        order = np.argsort(-vals, kind="stable")
-        out_idx[row, :len(order)] = cols[part[0][order]]
-        out_score[row, :len(order)] = vals[order]
+        best = _best_positions(values[cols], width)
+        out_idx[row, :len(best)] = cols[best]
+        out_score[row, :len(best)] = values[cols[best]]
     return out_idx, out_score
 
 
@@ -482,7 +487,7 @@ def top_k(scores: np.ndarray, allowed: np.ndarray, k: int, positive_only: bool) 
     if width == 0 or not len(masked):
         return out_idx, out_score
     if n_items >= WIDE_ROW_FACTOR * width:
-        return _top_k_wide(masked, k, width, out_idx, out_score)
+        return _top_k_wide(masked, width, out_idx, out_score)
     part = _tied_cut(masked, np.argpartition(-masked, width - 1, axis=1)[:, :width]) if width < n_items else \
         np.broadcast_to(np.arange(n_items), masked.shape).copy()
     part = np.sort(part, axis=1)  # ties broken by item index
@@ -629,18 +634,6 @@ class TwoTowerItems:
             out_idx[row, :len(best)] = cand[best]
             out_score[row, :len(best)] = exact[best]
         return out_idx, out_score
-
-
-def _best_positions(values: np.ndarray, k: int) -> np.ndarray:
-    """The positions of the ``k`` largest finite ``values``, best first, equal values by position (at the cut
-    too): :func:`top_k` of one row, without its masking."""
-    finite = np.flatnonzero(np.isfinite(values))
-    if len(finite) > k:
-        part = finite[np.argpartition(-values[finite], k - 1)[:k]]
-        cut = values[part].min()
-        above = finite[values[finite] > cut]
-        finite = np.concatenate([above, finite[values[finite] == cut][:k - len(above)]])
-    return finite[np.lexsort((finite, -values[finite]))]
 
 
 class TwoTowerScores:

@@ -31,8 +31,8 @@ TOLERANCE = 1e-9  # largest score difference accepted between the compiled model
 class CompiledRanker:
     """A compiled model with the part of the ``Booster`` interface the request path uses (``predict``)."""
 
-    def __init__(self, model: Any, booster: Any, source: str) -> None:
-        self.model, self.booster, self.source = model, booster, source
+    def __init__(self, model: Any, booster: Any) -> None:
+        self.model, self.booster = model, booster
 
     def predict(self, data: np.ndarray, num_threads: int = 1) -> np.ndarray:
         """Raw scores of the rows of ``data`` (what ``Booster.predict`` returns for lambdarank)."""
@@ -84,7 +84,7 @@ def compile_ranker(booster: Any, cache_dir: str | Path | None = None) -> Compile
                     type(exc).__name__, exc)
         return None
     log.info("ranker compiled by lleaves %s in %.1f s (%s)", version, time.perf_counter() - t0, cache.name)
-    return CompiledRanker(model, booster, str(cache))
+    return CompiledRanker(model, booster)
 
 
 def verified(compiled: CompiledRanker, booster: Any, rows: np.ndarray) -> bool:
