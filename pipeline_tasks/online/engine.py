@@ -137,6 +137,38 @@ class Answer:
     cold: bool = False
     cache_hit: bool = False  # the user's embedding came from the cache
     fallbacks: list[str] = field(default_factory=list)  # state stores that failed during the call
+    batch: int = 1  # requests answered in the same block as this one
+
+
+@dataclass
+class Request:
+    """One ``/recommend`` call (see :meth:`Engine.recommend`)."""
+
+    user_id: str
+    k: int = 20
+    context: Mapping[str, Any] | None = None
+    exclude: Sequence[str] = ()
+    filter_shown: bool | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class _Pending:
+    """A request once its per-user state is read: what its block needs."""
+
+    user: str
+    k: int
+    request_id: str | None
+    device: Any
+    location: Any
+    has_context: bool  # a device or a location was given: the request's context replaces the latest event's
+    demographics: dict[str, Any]
+    blocked: set[str]  # excluded and recently shown items
+    fresh: dict[str, list[dict[str, Any]]]
+    shown_on: bool
+    guarded: _Guarded
+    failures: list[str]
+    precomputed: bool  # a known user without fresh events: the precomputed user state serves them
 
 
 class _Guarded:
@@ -161,11 +193,11 @@ class _CacheAdapter:
 
     def __init__(self, guarded: _Guarded, ttl_s: float) -> None:
         self.guarded, self.ttl_s = guarded, ttl_s
-        self.hits = 0
+        self.found: set[str] = set()
 
     def get_many(self, user_ids: Sequence[str]) -> dict[str, np.ndarray]:
         found = self.guarded("get_vectors", list(user_ids), default={}) or {}
-        self.hits += len(found)
+        self.found.update(found)
         return found
 
     def set_many(self, vectors: Mapping[str, np.ndarray]) -> None:
@@ -218,50 +250,109 @@ class Engine:
                   exclude: Sequence[str] = (), filter_shown: bool | None = None,
                   request_id: str | None = None) -> Answer:
         """The user's top ``k`` (see the module docstring)."""
-        timings: dict[str, float] = {}
+        return self.recommend_many([Request(user_id, k, context, tuple(exclude), filter_shown, request_id)])[0]
+
+    def recommend_many(self, requests: Sequence[Request]) -> list[Answer]:
+        """Answers to several requests, in their order: the same answers as :meth:`recommend` one at a time.
+
+        Requests that can share a block of the shared path (distinct users, the same ``k``, each with or each
+        without a device / location, all on the precomputed user state or all not) go through
+        :func:`user_blocks` and :func:`rank_block` together, as ``recsys recommend`` and ``evaluate`` rank
+        blocks of users: most of a request's cost is per call, not per candidate, so a block of a few users
+        costs much less than the same requests one by one. A service hands it the requests that queued
+        while the previous ones were answered (``serving/service.py``); alone it is one request.
+        """
+        t0 = time.perf_counter()
+        prepared = [self._prepare(r) for r in requests]
+        state_ms = (time.perf_counter() - t0) * 1000 / max(len(requests), 1)
+        answers: list[Answer | None] = [None] * len(requests)
+        for group in self._groups(prepared):
+            for i, answer in zip(group, self._answer_group([prepared[i] for i in group]), strict=True):
+                answer.stages_ms["state"] += state_ms
+                answers[i] = answer
+        for item, answer in zip(prepared, answers, strict=True):
+            assert answer is not None
+            t3 = time.perf_counter()
+            if item.shown_on:
+                item.guarded("add_shown", item.user, [r.item_id for r in answer.items], self.shown_ttl_s)
+            answer.stages_ms["state"] += (time.perf_counter() - t3) * 1000
+            answer.fallbacks = item.failures
+        return answers  # type: ignore[return-value]
+
+    def _prepare(self, request: Request) -> _Pending:
+        """A request's per-user state reads (fresh events, recently shown) and its block parameters."""
         failures: list[str] = []
         guarded = _Guarded(self.store, failures)
-        user = str(user_id)
-        t0 = time.perf_counter()
+        user = str(request.user_id)
         fresh = guarded("events", [user], default={}) or {}
-        shown_on = self.filter_shown if filter_shown is None else filter_shown
-        blocked = set(map(str, exclude))
+        shown_on = self.filter_shown if request.filter_shown is None else request.filter_shown
+        blocked = set(map(str, request.exclude))
         if shown_on:
             blocked |= guarded("shown", user, default=set()) or set()
-        timings["state"] = (time.perf_counter() - t0) * 1000
-        context = dict(context or {})
-        requests = None
-        if context.get("device") or context.get("location"):
-            requests = pd.DataFrame({USER_ID: [user], "device": [context.get("device")],
-                                     "location": [context.get("location")]})
+        context = dict(request.context or {})
         demographics = {key: context[key] for key in DEMOGRAPHIC_COLUMNS if context.get(key) not in (None, "")}
+        return _Pending(user, request.k, request.request_id, context.get("device"), context.get("location"),
+                        bool(context.get("device") or context.get("location")), demographics, blocked, fresh,
+                        shown_on, guarded, failures, precomputed=user in self.known_users and not fresh)
+
+    def _groups(self, pending: Sequence[_Pending]) -> list[list[int]]:
+        """Indices of the requests that share a block (see :meth:`recommend_many`); each user once per block."""
+        groups: dict[tuple[Any, ...], list[list[int]]] = {}
+        for i, p in enumerate(pending):
+            fill_k = p.k + len(p.blocked)
+            key = (p.k, p.has_context, p.precomputed,
+                   fill_k > self.state.fit.config.pool_size, self.drill is not None)
+            if key[-2] or key[-1]:  # a long fill or a drill: alone, exactly as one request is answered
+                key = (*key, i)
+            for group in groups.setdefault(key, []):
+                if all(pending[j].user != p.user for j in group):
+                    group.append(i)
+                    break
+            else:
+                groups[key].append([i])
+        return sorted((g for gs in groups.values() for g in gs), key=lambda g: g[0])
+
+    def _answer_group(self, group: Sequence[_Pending]) -> list[Answer]:
+        """One block of the shared path for requests that can share it."""
+        failures: list[str] = []
+        users = [p.user for p in group]
+        k = group[0].k
+        requests = None
+        if group[0].has_context:  # a group is all with or all without (see _groups)
+            requests = pd.DataFrame({USER_ID: users, "device": [p.device for p in group],
+                                     "location": [p.location for p in group]})
+        demographics = {p.user: p.demographics for p in group if p.demographics}
+        fresh = {u: evs for p in group for u, evs in p.fresh.items()}
+        exclude = {p.user: p.blocked for p in group if p.blocked}
         with self._lock:
             t1 = time.perf_counter()
-            cache = _CacheAdapter(guarded, self.embedding_ttl_s)
-            block = next(user_blocks(self.state, [user], fill_k=k + len(blocked), requests=requests,
-                                     vectors=cache, fresh=self._fresh_frame(fresh),
-                                     demographics={user: demographics} if demographics else None))
-            timings["candidates_features"] = (time.perf_counter() - t1) * 1000
+            cache = _CacheAdapter(_Guarded(self.store, failures), self.embedding_ttl_s)
+            block = next(user_blocks(self.state, users, fill_k=max(p.k + len(p.blocked) for p in group),
+                                     requests=requests, vectors=cache, fresh=self._fresh_frame(fresh),
+                                     demographics=demographics or None))
             t2 = time.perf_counter()
             if self.drill:  # a deliberately degraded model (canary drills): the candidates, shuffled or worst first
-                every = rank_block(self.state.fit, block, len(block.column(ITEM_ID)), rules=False,
-                                   exclude={user: blocked} if blocked else None)[user]
-                pooled = set(map(str, block.column(ITEM_ID)))
-                every = [pair for pair in every if pair[0] in pooled]  # no popularity fill
-                ranked = random.Random(request_id or user).sample(every, min(k, len(every))) \
-                    if self.drill == "random_ranking" else every[::-1][:k]
+                ranked = {}
+                for p in group:
+                    every = rank_block(self.state.fit, block, len(block.column(ITEM_ID)), rules=False,
+                                       exclude={p.user: p.blocked} if p.blocked else None)[p.user]
+                    pooled = set(map(str, block.column(ITEM_ID)))
+                    every = [pair for pair in every if pair[0] in pooled]  # no popularity fill
+                    ranked[p.user] = random.Random(p.request_id or p.user).sample(every, min(k, len(every))) \
+                        if self.drill == "random_ranking" else every[::-1][:k]
             else:
                 ranked = rank_block(self.state.fit, block, k, rules=self.rules, age_days=self.ages,
-                                    exclude={user: blocked} if blocked else None)[user]
-            timings["rank_rules"] = (time.perf_counter() - t2) * 1000
+                                    exclude=exclude or None)
+            t3 = time.perf_counter()
         if self.epsilon > 0:
-            ranked = explore(ranked, self.epsilon, random.Random(request_id or user))
-        items = self._describe(block, user, ranked)
-        t3 = time.perf_counter()
-        if shown_on:
-            guarded("add_shown", user, [r.item_id for r in items], self.shown_ttl_s)
-        timings["state"] += (time.perf_counter() - t3) * 1000
-        return Answer(items, timings, cold=user in block.cold, cache_hit=cache.hits > 0, fallbacks=failures)
+            ranked = {p.user: explore(ranked[p.user], self.epsilon, random.Random(p.request_id or p.user))
+                      for p in group}
+        stages = {"candidates_features": (t2 - t1) * 1000, "rank_rules": (t3 - t2) * 1000}
+        for p in group:
+            p.failures.extend(failures)
+        return [Answer(self._describe(block, p.user, ranked[p.user]), {"state": 0.0, **stages},
+                       cold=p.user in block.cold, cache_hit=p.user in cache.found, batch=len(group))
+                for p in group]
 
     def _describe(self, block: Any, user: str, ranked: list[tuple[str, float]]) -> list[Recommendation]:
         weights = self.state.fit.config.weights

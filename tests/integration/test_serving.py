@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -139,11 +140,13 @@ def served(ml100k_run, tmp_path_factory):
 def test_parity_with_recsys_recommend(served, tmp_path):
     """Same bundle, `recsys recommend --as-of` = the snapshot moment, first request per user: same lists. The
     service scores with the ranker compiled to machine code (lleaves), `recsys recommend` with the LightGBM
-    Booster: the lists are the same."""
+    Booster; requests sent one by one and requests sent at once (answered in shared blocks): the lists are the
+    same."""
     client, registered = served["client"], served["registered"]
     compiled = [line for line in client.get("/metrics").text.splitlines() if line.startswith("recsys_ranker_compiled")]
     assert compiled and float(compiled[0].split()[-1]) == 1.0, compiled
-    users = sorted(served["inter"]["user_id"].astype(str).unique())[:6]
+    everyone = sorted(served["inter"]["user_id"].astype(str).unique())
+    users, together = everyone[:6], everyone[6:30]
     got = {}
     for user in users:
         res = _post(client, "/recommend", {"user_id": user, "num_items": 20})
@@ -152,6 +155,16 @@ def test_parity_with_recsys_recommend(served, tmp_path):
         assert body["model_version"] == registered["version"] and body["user_id"] == user
         assert [i["rank"] for i in body["items"]] == list(range(1, 21))
         got[user] = [i["item_id"] for i in body["items"]]
+    # Requests sent at once queue while the first is computed and are answered in blocks (micro-batches).
+    batches_before = _metric(client, "recsys_batch_size_count") or 0.0
+    with ThreadPoolExecutor(len(together)) as pool:
+        answers = list(pool.map(lambda u: httpx.post(f"{served['service'].url}/recommend", timeout=120,
+                                                     json={"user_id": u, "num_items": 20}), together))
+    for user, res in zip(together, answers, strict=True):
+        assert res.status_code == 200, res.text
+        got[user] = [i["item_id"] for i in res.json()["items"]]
+    assert (_metric(client, "recsys_batch_size_count") or 0.0) - batches_before < len(together)  # some shared one
+    users = users + together
     users_file, out = tmp_path / "users.txt", tmp_path / "recs.parquet"
     users_file.write_text("\n".join(users))
     from typer.testing import CliRunner
@@ -393,6 +406,40 @@ def test_precomputed_user_state_answers_like_the_full_path(ml100k_run):
         for engine in (fast, full):
             engine.add_event(user, items[n], "click")
     same_answers()
+
+
+def test_batched_requests_answer_like_one_at_a_time(ml100k_run):
+    """`Engine.recommend_many` (the service's micro-batches) gives every request the answer it gets alone: known
+    and unknown users, the same user twice, with and without a request context, different `num_items`,
+    `exclude`, and users with fresh events."""
+    from pipeline_tasks.online.bundle import open_bundle
+    from pipeline_tasks.online.engine import Engine, LocalState, Request
+    from pipeline_tasks.online.snapshot import load_snapshot
+    from pipeline_tasks.online.two_stage import load_fit, prepare
+
+    bento = ml100k_run.run.manifest["tasks"]["build_bento"]["outputs"]
+    name, version = bento["tag"].split(":")
+    bundle_dir = Path(bento["bentoml_home"]) / "bentos" / name / version / "src" / "serving" / "bundle"
+    moment, info = load_snapshot(bundle_dir / "snapshot")
+    state = prepare(load_fit(open_bundle(bundle_dir).fit_dir(info.get("fit", "serving"))), moment)
+    batched, alone = Engine(state, LocalState(), filter_shown=False), Engine(state, LocalState(), filter_shown=False)
+    users = sorted(state.rows_of)[:12]
+    items = list(state.fit.item_ids)
+    for engine in (batched, alone):  # fresh events: these users take the full path
+        engine.add_event(users[0], items[3], "click")
+        engine.add_event(users[1], items[5], "purchase")
+    mobile = {"device": "mobile", "location": "XX"}
+    requests = [Request(u, 20) for u in users] + [
+        Request(users[2], 20),  # the same user again
+        Request("never-seen-user", 20), Request("another-new-user", 20, mobile),
+        Request(users[3], 5), Request(users[4], 20, mobile), Request(users[5], 20, mobile),
+        Request(users[6], 20, exclude=tuple(items[:50])), Request(users[7], 20, {"age": 30, "gender": "F"})]
+    answers = batched.recommend_many(requests)
+    assert max(a.batch for a in answers) > 1  # blocks of several users were built
+    for request, answer in zip(requests, answers, strict=True):
+        one = alone.recommend(request.user_id, request.k, request.context, request.exclude)
+        assert answer.items == one.items and answer.cold == one.cold, request
+        assert not set(request.exclude) & {r.item_id for r in answer.items}
 
 
 def test_bento_of_the_run(ml100k_run):
