@@ -6,7 +6,9 @@ store, recently-shown filter off) one at a time in this thread. Each stage funct
 timed by wrapping it for the run (candidate sources, fusion, feature assembly, the ranker, the rules, the
 answer's description). Prints the request's median / p99 / mean, each stage's mean, the core count and the
 peak RSS; with --compare-compiled it also runs the LightGBM Booster and the compiled ranker back to back and
-checks that their answers are identical.
+checks that their answers are identical; with --batches 2,4,8 it also answers the same requests that many at a
+time (``Engine.recommend_many``, what the service does with requests that queue under load) and reports each
+request's share of its block's time, checking that the answers are the same.
 
     .venv/bin/python tests/benchmarks/bench_request_path.py BUNDLE_DIR [--snapshot DIR] [--requests 400]
 
@@ -111,6 +113,21 @@ def _run(engines: list[Any], users: list[str], k: int
     return per
 
 
+def _run_batched(engine: Any, users: list[str], k: int, batch: int) -> tuple[list[float], list[list[str]]]:
+    """The same first requests answered ``batch`` at a time (``Engine.recommend_many``, the service's
+    micro-batches under load): each request's share of its block's time, and the answers."""
+    from pipeline_tasks.online.engine import Request
+
+    shares, answers = [], []
+    for start in range(0, len(users), batch):
+        chunk = users[start:start + batch]
+        t0 = time.perf_counter()
+        got = engine.recommend_many([Request(u, k, filter_shown=False) for u in chunk])
+        shares.extend([(time.perf_counter() - t0) * 1000 / len(chunk)] * len(chunk))
+        answers.extend([r.item_id for r in a.items] for a in got)
+    return shares, answers
+
+
 def _summary(label: str, totals: list[float], stages: dict[str, list[float]], n: int) -> dict[str, Any]:
     out = {"label": label, "requests": n, "p50_ms": float(np.median(totals)),
            "p99_ms": float(np.percentile(totals, 99)), "mean_ms": float(np.mean(totals)),
@@ -133,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the Booster and the compiled ranker back to back; check identical answers")
     parser.add_argument("--compare-scan", action="store_true",
                         help="also run the full two-tower scan (no pruning); check identical answers")
+    parser.add_argument("--batches", default="",
+                        help="also answer the requests N at a time (Engine.recommend_many), e.g. 2,4,8; check answers")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -184,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         gc.freeze()  # as the service does after loading: no full collection walks the loaded state mid-request
         per = _run(engines, users, args.k)
+        batched = {int(b): _run_batched(engines[-1], users, args.k, int(b)) for b in args.batches.split(",") if b}
     answers = []
     for (label, _, _), (totals, stages, got) in zip(variants, per, strict=True):
         results.append(_summary(label, totals, stages, len(users)))
+        answers.append(got)
+    for b, (shares, got) in batched.items():
+        results.append(_summary(f"{variants[-1][0]}, {b} requests per block", shares, {}, len(users)))
         answers.append(got)
     identical = None
     if len(answers) > 1:

@@ -3,10 +3,11 @@
 Starts `recsys serve` (or `bentoml serve <tag>` with --bento) in the current RECSYS_HOME, waits for /readyz,
 then for each rate sends POST /recommend {user_id, num_items} on a fixed schedule (open loop: a late answer
 does not delay the next request) for --duration seconds from an asyncio client in this process, which shares
-the machine's cores with the service. Users are drawn from the snapshot's users (a --cold-share of unknown
-ones). Prints, per rate: achieved rate, p50 / p95 / p99 client latency, errors; the highest rate held with
-p99 <= --slo-ms; the service's mean time per stage from its /metrics; peak RSS of the service's processes;
-the core count.
+the machine's cores with the service (``--client raw``, the default: a minimal keep-alive HTTP/1.1 client;
+``--client httpx``: httpx's async client, the generator of the figures before 2026-12-02). Users are drawn
+from the snapshot's users (a --cold-share of unknown ones). Prints, per rate: achieved rate, p50 / p95 / p99
+client latency, errors, the client's own CPU per request; the highest rate held with p99 <= --slo-ms; the
+service's mean time per stage from its /metrics; peak RSS of the service's processes; the core count.
 
     RECSYS_HOME=... .venv/bin/python tests/benchmarks/bench_serving.py --rates 10,25,50,100,200
     RECSYS_HOME=... .venv/bin/python tests/benchmarks/bench_serving.py --state redis --workers 2
@@ -68,38 +69,88 @@ class PeakRss:
         return self.peak
 
 
-async def _run_rate(url: str, rate: float, duration: float, users: list[str], k: int) -> dict:
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams, for the load generator.
+
+    The load generator shares the 2 cores with the service, so its own CPU per request is taken from the service's
+    budget: httpx's async client costs several times what this does (``--client`` chooses; each rate's row reports
+    the client's CPU per request). It only POSTs JSON and reads answers with a Content-Length (uvicorn's)."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, payload: dict) -> int:
+        body = json.dumps(payload).encode()
+        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        reader, writer = conn
+        try:
+            writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d"
+                         b"\r\n\r\n%s" % (path.encode(), self.host.encode(), len(body), body))
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if length is None:
+                raise ValueError("an answer without Content-Length")
+            await reader.readexactly(int(length.group(1)))
+        except BaseException:
+            writer.close()
+            raise
+        self.idle.append(conn)
+        return int(head[9:12])
+
+    async def aclose(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+async def _run_rate(url: str, rate: float, duration: float, users: list[str], k: int, client_kind: str = "raw"
+                    ) -> dict:
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
-        async def one(user: str) -> None:
-            nonlocal errors
-            t = time.perf_counter()
-            try:
-                res = await client.post("/recommend", json={"user_id": user, "num_items": k})
-                ok = res.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                latencies.append((time.perf_counter() - t) * 1000)
-            else:
-                errors += 1
+    cpu0 = time.process_time()
+    if client_kind == "raw":
+        raw = RawClient(url)
 
-        n = int(rate * duration)
-        start = time.perf_counter()
-        tasks = []
-        for i in range(n):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(users[i % len(users)])))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        async def post(payload: dict) -> int:
+            return await asyncio.wait_for(raw.post("/recommend", payload), timeout=10)
+        close = raw.aclose
+    else:
+        limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+        client = httpx.AsyncClient(base_url=url, limits=limits, timeout=10)
+
+        async def post(payload: dict) -> int:
+            return (await client.post("/recommend", json=payload)).status_code
+        close = client.aclose
+
+    async def one(user: str) -> None:
+        nonlocal errors
+        t = time.perf_counter()
+        try:
+            ok = await post({"user_id": user, "num_items": k}) == 200
+        except (TimeoutError, httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError):
+            ok = False
+        if ok:
+            latencies.append((time.perf_counter() - t) * 1000)
+        else:
+            errors += 1
+
+    n = int(rate * duration)
+    start = time.perf_counter()
+    tasks = []
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(users[i % len(users)])))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    await close()
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
     return {"rate": rate, "sent": n, "achieved_rps": round(len(latencies) / elapsed, 1), "errors": errors,
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
-            "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+            "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "client_cpu_ms_per_request": round(1000 * (time.process_time() - cpu0) / max(n, 1), 2)}
 
 
 def _stage_means(metrics: str) -> dict[str, float]:
@@ -121,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-share", type=float, default=0.05, help="share of requests for unknown users")
     parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 bound of the highest held rate")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--client", default="raw", choices=["raw", "httpx"],
+                        help="load generator: a minimal keep-alive HTTP/1.1 client (default) or httpx's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -149,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         snapshot = re.search(r"\(snapshot (\S+)\)", Path(logfile.name).read_text())
         users = _users(snapshot.group(1) if snapshot else None, args.cold_share)
         sampler = PeakRss(proc.pid)
-        asyncio.run(_run_rate(url, 5, 4, users, args.k))  # warm-up
+        asyncio.run(_run_rate(url, 5, 4, users, args.k, args.client))  # warm-up
         rows = []
         for rate in [float(r) for r in args.rates.split(",")]:
-            row = asyncio.run(_run_rate(url, rate, args.duration, users, args.k))
+            row = asyncio.run(_run_rate(url, rate, args.duration, users, args.k, args.client))
             log.info("rate %s", row)
             rows.append(row)
         stages = _stage_means(httpx.get(f"{url}/metrics").text)
@@ -167,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     child.kill()
     held = [r["rate"] for r in rows if r["p99_ms"] <= args.slo_ms and r["errors"] == 0
             and r["achieved_rps"] >= 0.95 * r["rate"]]
-    figures = {"cores": os.cpu_count(), "state": args.state, "workers": args.workers, "ready_s": round(ready_s, 1),
+    figures = {"cores": os.cpu_count(), "client": args.client,
+               "state": args.state, "workers": args.workers, "ready_s": round(ready_s, 1),
                "k": args.k, "duration_s": args.duration, "rates": rows,
                f"highest_rate_p99_le_{int(args.slo_ms)}ms": max(held) if held else None,
                "mean_stage_ms": stages, "peak_rss_gib": round(peak / 2**30, 2)}
