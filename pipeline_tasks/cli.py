@@ -699,6 +699,8 @@ def serve(
     drill: Annotated[str | None, typer.Option(help="canary drill, a deliberately degraded model: random_ranking "
                                                    "(candidates in random order) or reverse_ranking (worst first)")]
         = None,
+    max_batch: Annotated[int, typer.Option(help="requests that queued while a worker computed are answered "
+                                                "together, up to this many (1 = one at a time)")] = 8,
 ) -> None:
     """Serve a registered bundle over HTTP (BentoML): POST /recommend, POST /feedback, /readyz, /metrics."""
 
@@ -716,7 +718,10 @@ def serve(
     snapshot = serving_snapshot(bundle, as_of, data_dir, rebuild_snapshot, fit)
     if drill not in (None, "random_ranking", "reverse_ranking"):
         raise _fail(f"--drill {drill!r}: use random_ranking or reverse_ranking (or leave it out)")
+    if max_batch < 1:
+        raise _fail(f"--max-batch {max_batch}: use 1 (one request at a time) or more")
     env = serve_env(bundle.path, snapshot, state, epsilon, not no_shown_filter, workers, drill)
+    env["RECSYS_MAX_BATCH"] = str(max_batch)
     # BentoML keeps its Prometheus files in $BENTOML_HOME/prometheus_multiproc_dir and wipes it at start: each
     # service (a canary runs three) needs its own home, or their /metrics mix and clobber each other.
     env.setdefault("BENTOML_HOME", str(load_settings().home / "serving" / f"bentoml-{port}"))

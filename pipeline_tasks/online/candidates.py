@@ -452,6 +452,20 @@ def _best_positions(values: np.ndarray, k: int) -> np.ndarray:
 WIDE_ROW_FACTOR = 16  # rows at least this many times wider than k take :func:`_top_k_wide`
 
 
+def _kth_largest(values: np.ndarray, k: int) -> float:
+    """``np.partition(values, n - k)[n - k]``, the ``k``-th largest of ``values`` (no NaN; 1 <= k <= n), without
+    partitioning the whole of a long array: the ``k``-th best of a strided sample is a value at least ``k``
+    values reach, so the ``k``-th largest is the ``k``-th largest of the values at or above it."""
+    n = len(values)
+    if n >= WIDE_ROW_FACTOR * k:
+        sample = values[::max(2, int(np.sqrt(n / k)))]
+        if len(sample) >= k:
+            cut = np.partition(sample, len(sample) - k)[len(sample) - k]
+            values = values[values >= cut]
+            n = len(values)
+    return np.partition(values, n - k)[n - k]
+
+
 def _top_k_wide(masked: np.ndarray, width: int, out_idx: np.ndarray, out_score: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`top_k` of rows much wider than ``width``, row by row, with the same result: the ``width``-th best
@@ -608,14 +622,15 @@ class TwoTowerItems:
         if not self.pruned:
             return top_k(self.all_scores(user_vectors), allowed, k, positive_only=False)
         users = np.asarray(user_vectors, np.float32).astype(np.float64)
-        n = self.shape[0]
         out_idx = np.full((len(users), k), -1, dtype=np.int64)
         out_score = np.full((len(users), k), np.nan, dtype=np.float32)
         heads = (users @ self.head_basis).astype(np.float32)
         tails = np.linalg.norm(users @ self.tail_basis, axis=1).astype(np.float32)
+        # The head products, float32; a block's users in one product (the head vectors are read once).
+        every = heads @ self.head_t if len(users) > 1 else None
         for row in range(len(users)):
             ok = allowed[row]
-            coarse = heads[row] @ self.head_t  # the head products, float32
+            coarse = every[row] if every is not None else heads[row] @ self.head_t
             # Float32 rounding of the head product, the norms and the final score is far below this margin.
             spread = tails[row] * self.tail_norm
             spread += np.float32(1e-4 * np.linalg.norm(users[row]) * self.norm_max)
@@ -623,7 +638,7 @@ class TwoTowerItems:
             lower = np.subtract(coarse, spread, out=coarse)
             np.copyto(lower, -np.inf, where=~ok)
             if int(np.count_nonzero(ok)) > k:
-                kth = np.partition(lower, n - k)[n - k]  # the k-th best lower bound: k items score at least this
+                kth = _kth_largest(lower, k)  # the k-th best lower bound: k items score at least this
                 cand = np.flatnonzero((upper >= kth) & ok)
             else:
                 cand = np.flatnonzero(ok)

@@ -7,7 +7,8 @@ the machine's cores with the service (``--client raw``, the default: a minimal k
 ``--client httpx``: httpx's async client, the generator of the figures before 2026-12-02). Users are drawn
 from the snapshot's users (a --cold-share of unknown ones). Prints, per rate: achieved rate, p50 / p95 / p99
 client latency, errors, the client's own CPU per request; the highest rate held with p99 <= --slo-ms; the
-service's mean time per stage from its /metrics; peak RSS of the service's processes; the core count.
+service's mean time per stage and requests per block (micro-batches) from its /metrics; peak RSS of the
+service's processes; the core count.
 
     RECSYS_HOME=... .venv/bin/python tests/benchmarks/bench_serving.py --rates 10,25,50,100,200
     RECSYS_HOME=... .venv/bin/python tests/benchmarks/bench_serving.py --state redis --workers 2
@@ -83,7 +84,8 @@ class RawClient:
 
     async def post(self, path: str, payload: dict) -> int:
         body = json.dumps(payload).encode()
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        reused = bool(self.idle)
+        conn = self.idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
         reader, writer = conn
         try:
             writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d"
@@ -93,6 +95,11 @@ class RawClient:
             if length is None:
                 raise ValueError("an answer without Content-Length")
             await reader.readexactly(int(length.group(1)))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            writer.close()
+            if reused and not getattr(exc, "partial", b""):  # the server closed an idle keep-alive connection
+                return await self.post(path, payload)  # as any HTTP client does: once more on another one
+            raise
         except BaseException:
             writer.close()
             raise
@@ -108,6 +115,7 @@ async def _run_rate(url: str, rate: float, duration: float, users: list[str], k:
                     ) -> dict:
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     cpu0 = time.process_time()
     if client_kind == "raw":
         raw = RawClient(url)
@@ -127,13 +135,15 @@ async def _run_rate(url: str, rate: float, duration: float, users: list[str], k:
         nonlocal errors
         t = time.perf_counter()
         try:
-            ok = await post({"user_id": user, "num_items": k}) == 200
-        except (TimeoutError, httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError):
-            ok = False
-        if ok:
+            status = await post({"user_id": user, "num_items": k})
+            kind = "" if status == 200 else f"HTTP {status}"
+        except (TimeoutError, httpx.HTTPError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            kind = type(exc).__name__
+        if not kind:
             latencies.append((time.perf_counter() - t) * 1000)
         else:
             errors += 1
+            kinds[kind] = kinds.get(kind, 0) + 1
 
     n = int(rate * duration)
     start = time.perf_counter()
@@ -149,7 +159,7 @@ async def _run_rate(url: str, rate: float, duration: float, users: list[str], k:
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
     return {"rate": rate, "sent": n, "achieved_rps": round(len(latencies) / elapsed, 1), "errors": errors,
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
-            "p99_ms": round(float(np.percentile(lat, 99)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1), **({"error_kinds": kinds} if kinds else {}),
             "client_cpu_ms_per_request": round(1000 * (time.process_time() - cpu0) / max(n, 1), 2)}
 
 
@@ -172,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-share", type=float, default=0.05, help="share of requests for unknown users")
     parser.add_argument("--slo-ms", type=float, default=50.0, help="p99 bound of the highest held rate")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="RECSYS_MAX_BATCH of the service (requests per block; 1 = one at a time; default 8)")
     parser.add_argument("--client", default="raw", choices=["raw", "httpx"],
                         help="load generator: a minimal keep-alive HTTP/1.1 client (default) or httpx's")
     args = parser.parse_args(argv)
@@ -181,12 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "BENTOML_HOME": os.environ.get("BENTOML_HOME",
                                                         str(Path(os.environ["RECSYS_HOME"]) / "bentoml")),
            "RECSYS_FEEDBACK_DIR": tempfile.mkdtemp(prefix="bench-serving-feedback-")}
+    if args.max_batch is not None:  # `bentoml serve` reads it from the environment, `recsys serve` from its option
+        env["RECSYS_MAX_BATCH"] = str(args.max_batch)
     if args.bento:
         env.update(RECSYS_STATE=args.state, BENTOML_CONFIG_OPTIONS=f"services.RecsysService.workers={args.workers}")
         cmd = [str(Path(sys.executable).with_name("bentoml")), "serve", args.bento, "--port", str(port)]
     else:
         cmd = [sys.executable, "-m", "pipeline_tasks.cli", "serve", "--port", str(port), "--state", args.state,
                "--workers", str(args.workers), "--no-shown-filter"]
+        cmd += ["--max-batch", str(args.max_batch)] if args.max_batch is not None else []
         cmd += ["--model", args.model] if args.model else []
         cmd += ["--model-version", str(args.model_version)] if args.model_version else []
     logfile = tempfile.NamedTemporaryFile("w", prefix="bench-serving-", suffix=".log", delete=False)  # noqa: SIM115
@@ -208,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             row = asyncio.run(_run_rate(url, rate, args.duration, users, args.k, args.client))
             log.info("rate %s", row)
             rows.append(row)
-        stages = _stage_means(httpx.get(f"{url}/metrics").text)
+        metrics = httpx.get(f"{url}/metrics").text
+        stages = _stage_means(metrics)
+        batch = re.search(r"^recsys_batch_size_sum (\S+)$", metrics, re.M), \
+            re.search(r"^recsys_batch_size_count (\S+)$", metrics, re.M)
         peak = sampler.stop()
     finally:
         with contextlib.suppress(psutil.Error):
@@ -220,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                     child.kill()
     held = [r["rate"] for r in rows if r["p99_ms"] <= args.slo_ms and r["errors"] == 0
             and r["achieved_rps"] >= 0.95 * r["rate"]]
-    figures = {"cores": os.cpu_count(), "client": args.client,
+    figures = {"cores": os.cpu_count(), "client": args.client, "max_batch": args.max_batch,
                "state": args.state, "workers": args.workers, "ready_s": round(ready_s, 1),
                "k": args.k, "duration_s": args.duration, "rates": rows,
                f"highest_rate_p99_le_{int(args.slo_ms)}ms": max(held) if held else None,
-               "mean_stage_ms": stages, "peak_rss_gib": round(peak / 2**30, 2)}
+               "mean_stage_ms": stages, "peak_rss_gib": round(peak / 2**30, 2),
+               "mean_requests_per_block": round(float(batch[0].group(1)) / float(batch[1].group(1)), 2)
+               if all(batch) and float(batch[1].group(1)) else None}
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

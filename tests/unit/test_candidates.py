@@ -296,9 +296,28 @@ def test_pruned_two_tower_top_k_is_the_exact_top_k(seed):
     idx, vals = tower.top_k(users.astype(np.float32), allowed, k)
     np.testing.assert_array_equal(idx, want_idx)
     np.testing.assert_array_equal(vals, want_vals)
+    for row in (0, 3):  # a user alone (a request) gets the list it gets inside the block
+        alone_idx, _ = tower.top_k(users[row:row + 1].astype(np.float32), allowed[row:row + 1], k)
+        np.testing.assert_array_equal(alone_idx[0], want_idx[row])
     tied = [i for i in idx[0].tolist() if i == cut or 1000 <= i < 1400]
     assert len(tied) > 1 and 1399 not in tied and tied == sorted(tied)  # the tie went to the lowest indices
     rows, cols = np.repeat(np.arange(5), 300), rng.integers(0, n_items, size=1500)
     np.testing.assert_array_equal(tower.pair_scores(users.astype(np.float32), rows, cols), full[rows, cols])
     alone = tower.all_scores(users[2:3].astype(np.float32))[0]
     np.testing.assert_array_equal(alone, full[2])
+
+
+def test_kth_largest_is_the_partition_value():
+    """The sampled k-th largest (long arrays) equals np.partition's, with ties, -inf and short arrays."""
+    from pipeline_tasks.online.candidates import _kth_largest
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 60_000))
+        k = int(rng.integers(1, min(n, 1500) + 1))
+        values = rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            values = np.round(values, 1)  # many ties
+        if trial % 4 == 0:
+            values[rng.random(n) < 0.7] = -np.inf  # masked items
+        assert _kth_largest(values, k) == np.partition(values, n - k)[n - k], (n, k)
