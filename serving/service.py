@@ -79,6 +79,7 @@ class MicroBatcher:
         self.max_batch = max(1, max_batch)
         self.pending: list[tuple[Any, asyncio.Future]] = []
         self.running = False
+        self._task: asyncio.Task | None = None  # the loop keeps only a weak reference to a task
 
     async def answer(self, engine: Any, request: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -86,7 +87,7 @@ class MicroBatcher:
         self.pending.append((request, future))
         if not self.running:
             self.running = True
-            loop.create_task(self._drain(engine))
+            self._task = loop.create_task(self._drain(engine))
         return await future
 
     async def _drain(self, engine: Any) -> None:
