@@ -91,6 +91,7 @@ class MicroBatcher:
         return await future
 
     async def _drain(self, engine: Any) -> None:
+        batch: list[tuple[Any, asyncio.Future]] = []
         try:
             while self.pending:
                 await asyncio.sleep(0)  # requests already read from the sockets join this block
@@ -100,6 +101,11 @@ class MicroBatcher:
                     self._run(engine(), batch)
         finally:
             self.running = False
+            # Whatever stopped the drain early (it should not), no request waits forever.
+            for _, future in [*batch, *self.pending]:
+                if not future.done():
+                    future.set_exception(RuntimeError("the request was not answered: the batcher stopped"))
+            self.pending = []
 
     @staticmethod
     def _run(engine: Any, batch: list[tuple[Any, asyncio.Future]]) -> None:

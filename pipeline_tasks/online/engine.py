@@ -37,7 +37,14 @@ import pandas as pd
 
 from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.online.candidates import DEMOGRAPHIC_COLUMNS, SOURCES
-from pipeline_tasks.online.two_stage import Prepared, item_age_days, rank_block, user_blocks, with_user_state
+from pipeline_tasks.online.two_stage import (
+    Prepared,
+    block_size,
+    item_age_days,
+    rank_block,
+    user_blocks,
+    with_user_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +234,9 @@ class Engine:
         # The freshness rule's item ages by catalog index (rank_block reads them by the pool's catalog index).
         self.ages = item_age_days(state.moment.items, state.moment.at).reindex(state.item_array).to_numpy(float)
         self.known_users = frozenset(state.rows_of)
+        # Users whose precomputed state a block uses (user_blocks' test): users with history and users-table users.
+        self._precomputed = frozenset(state.user_state.index) if state.user_state is not None else frozenset()
+        self._max_block = block_size(state.fit)  # user_blocks' users per block: a group is one block
         self._columns = list(state.history.columns)
         self._lock = threading.Lock()  # one request at a time (the work holds the GIL; interleaving only adds latency)
 
@@ -255,28 +265,39 @@ class Engine:
     def recommend_many(self, requests: Sequence[Request]) -> list[Answer]:
         """Answers to several requests, in their order: the same answers as :meth:`recommend` one at a time.
 
-        Requests that can share a block of the shared path (distinct users, the same ``k``, each with or each
-        without a device / location, all on the precomputed user state or all not) go through
+        Requests that can share a block of the shared path (distinct users on the precomputed user state, the same
+        ``k``, each with or each without a device / location; at most a block of :func:`block_size` users) go through
         :func:`user_blocks` and :func:`rank_block` together, as ``recsys recommend`` and ``evaluate`` rank
         blocks of users: most of a request's cost is per call, not per candidate, so a block of a few users
-        costs much less than the same requests one by one. A service hands it the requests that queued
-        while the previous ones were answered (``serving/service.py``); alone it is one request.
+        costs much less than the same requests one by one. A user asking twice is answered in order (the second
+        request after the first's items count as shown). A service hands it the requests that queued while the
+        previous ones were answered (``serving/service.py``); alone it is one request.
         """
-        t0 = time.perf_counter()
-        prepared = [self._prepare(r) for r in requests]
-        state_ms = (time.perf_counter() - t0) * 1000 / max(len(requests), 1)
         answers: list[Answer | None] = [None] * len(requests)
-        for group in self._groups(prepared):
-            for i, answer in zip(group, self._answer_group([prepared[i] for i in group]), strict=True):
-                answer.stages_ms["state"] += state_ms
+        # A user's second request in the batch comes in the next round, after the first one's answer is recorded as
+        # shown (one at a time, it would not get those items again).
+        seen: dict[str, int] = {}
+        rounds: dict[int, list[int]] = {}
+        for i, request in enumerate(requests):
+            user = str(request.user_id)
+            rounds.setdefault(seen.get(user, 0), []).append(i)
+            seen[user] = seen.get(user, 0) + 1
+        for indices in rounds.values():
+            t0 = time.perf_counter()
+            prepared = [self._prepare(requests[i]) for i in indices]
+            state_ms = (time.perf_counter() - t0) * 1000 / len(indices)
+            done: list[Answer] = [None] * len(indices)  # type: ignore[list-item]
+            for group in self._groups(prepared):
+                for j, answer in zip(group, self._answer_group([prepared[j] for j in group]), strict=True):
+                    answer.stages_ms["state"] += state_ms
+                    done[j] = answer
+            for i, item, answer in zip(indices, prepared, done, strict=True):
+                t3 = time.perf_counter()
+                if item.shown_on:
+                    item.guarded("add_shown", item.user, [r.item_id for r in answer.items], self.shown_ttl_s)
+                answer.stages_ms["state"] += (time.perf_counter() - t3) * 1000
+                answer.fallbacks = item.failures
                 answers[i] = answer
-        for item, answer in zip(prepared, answers, strict=True):
-            assert answer is not None
-            t3 = time.perf_counter()
-            if item.shown_on:
-                item.guarded("add_shown", item.user, [r.item_id for r in answer.items], self.shown_ttl_s)
-            answer.stages_ms["state"] += (time.perf_counter() - t3) * 1000
-            answer.fallbacks = item.failures
         return answers  # type: ignore[return-value]
 
     def _prepare(self, request: Request) -> _Pending:
@@ -293,19 +314,21 @@ class Engine:
         demographics = {key: context[key] for key in DEMOGRAPHIC_COLUMNS if context.get(key) not in (None, "")}
         return _Pending(user, request.k, request.request_id, context.get("device"), context.get("location"),
                         bool(context.get("device") or context.get("location")), demographics, blocked, fresh,
-                        shown_on, guarded, failures, precomputed=user in self.known_users and not fresh)
+                        shown_on, guarded, failures, precomputed=user in self._precomputed and not fresh)
 
     def _groups(self, pending: Sequence[_Pending]) -> list[list[int]]:
         """Indices of the requests that share a block (see :meth:`recommend_many`); each user once per block."""
         groups: dict[tuple[Any, ...], list[list[int]]] = {}
         for i, p in enumerate(pending):
             fill_k = p.k + len(p.blocked)
-            key = (p.k, p.has_context, p.precomputed,
-                   fill_k > self.state.fit.config.pool_size, self.drill is not None)
-            if key[-2] or key[-1]:  # a long fill or a drill: alone, exactly as one request is answered
+            key = (p.k, p.has_context, fill_k > self.state.fit.config.pool_size, self.drill is not None)
+            if key[-2] or key[-1] or not p.precomputed:
+                # Alone, exactly as one request is answered: a long fill, a drill, and a user whose embedding is
+                # computed now (unknown, or with fresh events: the user tower's float32 results may depend on how
+                # many users it embeds at once, and the embedding is cached for later requests).
                 key = (*key, i)
             for group in groups.setdefault(key, []):
-                if all(pending[j].user != p.user for j in group):
+                if len(group) < self._max_block and all(pending[j].user != p.user for j in group):
                     group.append(i)
                     break
             else:

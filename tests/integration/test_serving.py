@@ -440,6 +440,14 @@ def test_batched_requests_answer_like_one_at_a_time(ml100k_run):
         one = alone.recommend(request.user_id, request.k, request.context, request.exclude)
         assert answer.items == one.items and answer.cold == one.cold, request
         assert not set(request.exclude) & {r.item_id for r in answer.items}
+    # With the recently-shown filter, a user asking twice in one batch is answered in order, as one at a time.
+    batched, alone = Engine(state, LocalState()), Engine(state, LocalState())
+    twice = [Request(users[8], 20), Request(users[9], 20), Request(users[8], 20), Request(users[10], 20)]
+    answers = batched.recommend_many(twice)
+    for request, answer in zip(twice, answers, strict=True):
+        assert answer.items == alone.recommend(request.user_id, request.k).items, request
+    first, second = ({r.item_id for r in a.items} for a in (answers[0], answers[2]))
+    assert first and second and not first & second
 
 
 def test_bento_of_the_run(ml100k_run):
