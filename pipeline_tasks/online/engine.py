@@ -233,7 +233,6 @@ class Engine:
         self.embedding_ttl_s, self.shown_ttl_s = embedding_ttl_s, shown_ttl_s
         # The freshness rule's item ages by catalog index (rank_block reads them by the pool's catalog index).
         self.ages = item_age_days(state.moment.items, state.moment.at).reindex(state.item_array).to_numpy(float)
-        self.known_users = frozenset(state.rows_of)
         # Users whose precomputed state a block uses (user_blocks' test): users with history and users-table users.
         self._precomputed = frozenset(state.user_state.index) if state.user_state is not None else frozenset()
         self._max_block = block_size(state.fit)  # user_blocks' users per block: a group is one block
@@ -317,7 +316,7 @@ class Engine:
                         shown_on, guarded, failures, precomputed=user in self._precomputed and not fresh)
 
     def _groups(self, pending: Sequence[_Pending]) -> list[list[int]]:
-        """Indices of the requests that share a block (see :meth:`recommend_many`); each user once per block."""
+        """Indices of the requests of one round (distinct users) that share a block (see :meth:`recommend_many`)."""
         groups: dict[tuple[Any, ...], list[list[int]]] = {}
         for i, p in enumerate(pending):
             fill_k = p.k + len(p.blocked)
@@ -327,12 +326,11 @@ class Engine:
                 # computed now (unknown, or with fresh events: the user tower's float32 results may depend on how
                 # many users it embeds at once, and the embedding is cached for later requests).
                 key = (*key, i)
-            for group in groups.setdefault(key, []):
-                if len(group) < self._max_block and all(pending[j].user != p.user for j in group):
-                    group.append(i)
-                    break
+            open_groups = groups.setdefault(key, [])  # a round's users are distinct (recommend_many)
+            if open_groups and len(open_groups[-1]) < self._max_block:
+                open_groups[-1].append(i)
             else:
-                groups[key].append([i])
+                open_groups.append([i])
         return sorted((g for gs in groups.values() for g in gs), key=lambda g: g[0])
 
     def _answer_group(self, group: Sequence[_Pending]) -> list[Answer]:
