@@ -562,7 +562,8 @@ def rank_block(fit: Fit, block: Block, k: int, rules: bool = True, order: str = 
     rows = rows[np.lexsort((-np.asarray(score, dtype=float)[rows], codes))]
     codes = np.sort(codes, kind="stable")
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, int)
-    ends = np.r_[starts[1:], len(codes)].astype(int)
+    # No candidate left in the block (empty pools, or all excluded): no runs; every list comes from the fill.
+    ends = np.r_[starts[1:], len(codes)].astype(int) if len(codes) else np.zeros(0, int)
     if rules and age_days is not None and len(rows):
         ages = age_days[block.column("item")[rows]] if isinstance(age_days, np.ndarray) else \
             age_days.reindex(items[rows]).to_numpy(dtype=float)

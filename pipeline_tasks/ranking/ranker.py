@@ -262,13 +262,16 @@ def tune_ranker(df: pd.DataFrame, config: RankerConfig, storage: str | Path, stu
     else:
         log.info("study %s already has %d finished trials: resumed, nothing left to run", study_name, len(done))
     best = study.best_trial
+    # Finished trials only: a trial a killed try left RUNNING in the storage never produced a value.
+    n_finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                     for t in study.trials)
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration"))
     log.info("ranker study %s: best %s NDCG@10 %.4f in trial %d of %d: %s", study_name,
              f"{config.cv_folds}-fold cross-validated" if folds else "holdout", best.value, best.number,
-             len(study.trials), best.params)
+             n_finished, best.params)
     return {"best_params": dict(best.params), "best_value": float(best.value),
             "best_iteration": int(best.user_attrs.get("best_iteration", config.max_rounds)),
-            "n_trials": len(study.trials), "study": study, "trials": trials,
+            "n_trials": n_finished, "study": study, "trials": trials,
             "selection": f"{config.cv_folds}-fold cross-validation by user" if folds else "holdout by user",
             "train_queries": train.queries, "holdout_queries": holdout.queries}
 

@@ -84,17 +84,41 @@ def test_ranker_learns_and_is_deterministic(tmp_path):
 
 @pytest.mark.parametrize("cv_below_rows", [0, 1_000_000], ids=["holdout", "cross-validation"])
 def test_study_resumes_from_its_storage(tmp_path, cv_below_rows):
+    import optuna
+
     path = tmp_path / "set.parquet"
     _ranking_set(n_queries=60).to_parquet(path)
     df = load_ranking_set(path)
     kw = {"max_rounds": 30, "early_stopping_rounds": 5, "num_threads": 1, "cv_below_rows": cv_below_rows}
     storage = tmp_path / "optuna" / "ns.db"
+
+    def finished(study: optuna.Study) -> list[tuple]:
+        return [(t.number, t.params, t.value, t.datetime_start, t.datetime_complete) for t in study.trials
+                if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+
     first = tune_ranker(df, RankerConfig(n_trials=3, **kw), storage, "ranker_run1")
     assert first["n_trials"] == 3 and first["best_value"] > 0.5
     assert first["selection"] == ("holdout by user" if cv_below_rows == 0 else "5-fold cross-validation by user")
     assert first["trials"]["params_learning_rate"].iloc[0] == pytest.approx(0.05)  # the documented defaults first
+    before = finished(first["study"])
+    assert [t[0] for t in before] == [0, 1, 2]
+    # The task is killed inside its next trial: the storage keeps a trial that never finished.
+    optuna.load_study(study_name="ranker_run1", storage=f"sqlite:///{storage}").ask()
+
+    # The retry (n_trials is the study's target total) keeps the finished trials as they were (same params,
+    # values and start times: not re-run) and runs only the missing one.
     again = tune_ranker(df, RankerConfig(n_trials=4, **kw), storage, "ranker_run1")
-    assert again["n_trials"] == 4  # a retry runs only what is missing
+    after = finished(again["study"])
+    assert after[:3] == before
+    assert len(after) == 4 and after[3][3] >= before[-1][4]  # one new trial, started after the first try's
+    assert again["n_trials"] == 4  # finished trials; the killed one is not counted
+    assert again["best_value"] == max(t[2] for t in after)
+    # A retry of a study that already has its trials runs none.
+    done = tune_ranker(df, RankerConfig(n_trials=4, **kw), storage, "ranker_run1")
+    assert finished(done["study"]) == after and done["n_trials"] == 4
+    # Another run's study in the same storage starts from scratch.
+    other = tune_ranker(df, RankerConfig(n_trials=1, **kw), storage, "ranker_run2")
+    assert [t[0] for t in finished(other["study"])] == [0] and other["n_trials"] == 1
     with pytest.raises(InvalidParamsError, match="unknown ranker params"):
         RankerConfig.from_params({"trials": 3})
 
