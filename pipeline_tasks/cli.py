@@ -598,12 +598,16 @@ def recommend(
     model_version: Annotated[int | None, typer.Option(help="bundle version (default: the champion)")] = None,
     fit: Annotated[str, typer.Option(help="serving (default) or protocol (trained up to t_test)")] = "serving",
     no_rules: Annotated[bool, typer.Option("--no-rules", help="ranker order without business rules")] = False,
+    no_safety_flags: Annotated[bool, typer.Option(
+        "--no-safety-flags", help="recommend items under a safety flag too (`recsys flag`; by default they are "
+                                  "never recommended, as in the service)")] = False,
 ) -> None:
     """Recommend k items to each user with a registered bundle (candidates, ranker and rules as in evaluate)."""
     from pipeline_tasks.bundle.recommend import describe, read_users
     from pipeline_tasks.bundle.recommend import recommend as run_recommend
     from pipeline_tasks.data.validate import to_utc
     from pipeline_tasks.online.bundle import load_bundle
+    from pipeline_tasks.online.safety import SafetyFlagsError, flags_path, read_flags
 
     _setup_logging(False)
     disable_telemetry()
@@ -622,12 +626,60 @@ def recommend(
         raise _fail(str(exc)) from None
     data_dir = _abs(Path(data)) if data and not data.startswith(("movielens:", "synthetic")) else None
     ids = read_users(_abs(users))
-    recs = run_recommend(bundle, ids, k, at, data_dir=data_dir, fit=fit, rules=not no_rules)
+    try:
+        flagged = None if no_safety_flags else len(read_flags(flags_path(bundle.name)))
+        recs = run_recommend(bundle, ids, k, at, data_dir=data_dir, fit=fit, rules=not no_rules,
+                             safety_flags=not no_safety_flags)
+    except SafetyFlagsError as exc:
+        raise _fail(f"{exc} (or pass --no-safety-flags)") from None
     out = _abs(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     recs.to_parquet(out, index=False)
     typer.echo(json.dumps({**describe(bundle), "fit": fit, "users": len(ids), "rows": len(recs),
-                           "output": str(out)}, indent=2))
+                           "safety_flagged_items": flagged, "output": str(out)}, indent=2))
+
+
+@app.command()
+def flag(
+    items: Annotated[list[str] | None, typer.Argument(help="item ids to flag (or, with --remove, to unflag)")] = None,
+    reason: Annotated[str | None, typer.Option(help="why (recorded with each event; required to flag)")] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="lift the flag of ITEMS (they may be served again)")] =
+        False,
+    list_flags: Annotated[bool, typer.Option("--list", help="print the flagged items with reason and time")] = False,
+    model: Annotated[str | None, typer.Option(help="registered model name (default: the one of --data, or the "
+                                                   "only one)")] = None,
+    data: Annotated[str | None, typer.Option(help="the model's data source, to find its name (instead of "
+                                                  "--model)")] = None,
+) -> None:
+    """Flag items that must never be served (safety), lift flags, or list them; running services apply a change
+    within about a second, `recsys recommend` at its next call."""
+    from pipeline_tasks.online.safety import SafetyFlagsError, append_flags, flags_path, read_flags
+
+    disable_telemetry()
+    if list_flags and (items or remove or reason):
+        raise _fail("--list takes no ITEMS, --remove or --reason")
+    if not list_flags and not items:
+        raise _fail("give the ITEMS to flag (with --reason), --remove ITEMS, or --list")
+    if items and not remove and not (reason or "").strip():
+        raise _fail("--reason is required to flag items: say why they must not be served (it is recorded)")
+    name = _model_name(data, model)
+    path = flags_path(name)
+    try:
+        current = read_flags(path)
+    except SafetyFlagsError as exc:
+        raise _fail(str(exc)) from None
+    if list_flags:
+        typer.echo(json.dumps({"model": name, "file": str(path), "flagged": [
+            {"item_id": e.item_id, "reason": e.reason, "at": e.at} for e in current.values()]}, indent=2))
+        return
+    assert items is not None
+    if remove:
+        unknown = [i for i in items if i not in current]
+        if unknown:
+            typer.echo(f"warning: not flagged, nothing to lift: {', '.join(unknown)}", err=True)
+    written = append_flags(path, items, flagged=not remove, reason=(reason or "").strip())
+    typer.echo(json.dumps({"model": name, "file": str(path), "flagged": not remove,
+                           "items": [e.item_id for e in written], "now_flagged": len(read_flags(path))}, indent=2))
 
 
 def _served_bundle(model: str | None, version: int | None, alias: str, data: str | None) -> tuple[Any, Path | None]:

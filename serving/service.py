@@ -13,6 +13,11 @@ runs ``bentoml serve serving.service:RecsysService``) or ``bentoml serve <bento 
   loaded beside the one in use and swapped in atomically with the newest index extension's items (requests in
   flight finish on the old one); a snapshot that fails to load is logged and counted, and the old one stays;
 - ``RECSYS_FEEDBACK_DIR``: the impressions / feedback log (default ``$RECSYS_HOME/feedback/<namespace>``);
+- ``RECSYS_SAFETY_FLAGS``: the safety flags file (default ``$RECSYS_HOME/serving/<model>/safety_flags.jsonl``,
+  written by ``recsys flag``; :mod:`pipeline_tasks.online.safety`). It is read before the service is ready (a file
+  that fails to parse fails the load, naming the line) and re-read within about a second of every change by a
+  thread of its own; flagged items join every request's blocked set, so none is ever served. A change that fails
+  to parse is logged and counted, and the flags in force stay;
 - ``RECSYS_STATE``: ``local`` (one worker, state in process; the embedded default) or ``redis``
   (``RECSYS_REDIS_URL``; any number of workers share embedding cache, fresh events and recently-shown lists);
 - ``RECSYS_DRILL=random_ranking|reverse_ranking``: a canary drill -- serve the candidate pool in random order or
@@ -52,7 +57,9 @@ latency = Histogram("recsys_stage_latency_seconds", "Latency of each stage of /r
                     ["stage"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 model_info = Gauge("recsys_model_version", "The bundle version served, by model", ["model"],
                    multiprocess_mode="max")
-cache_lookups = Counter("recsys_embedding_cache", "User-embedding cache lookups by result", ["result"])
+cache_lookups = Counter("recsys_embedding_cache", "Where each /recommend's user embedding came from: hit / miss (a "
+                        "cache lookup; a miss computes and caches it) or precomputed (the snapshot's per-user state, "
+                        "no lookup). Cache hit rate: hit / (hit + miss)", ["result"])
 fallbacks = Counter("recsys_fallbacks", "Answers given without a part of the path, by kind", ["kind"])
 freshness_lag = Gauge("recsys_freshness_lag_seconds", "Seconds from the serving snapshot's moment to now",
                       multiprocess_mode="max")
@@ -61,6 +68,10 @@ snapshot_moment = Gauge("recsys_snapshot_moment_seconds", "The serving snapshot'
 ranker_compiled = Gauge("recsys_ranker_compiled", "1 when the ranker runs as compiled trees (lleaves), 0 when as "
                         "a LightGBM Booster", multiprocess_mode="min")
 refreshes = Counter("recsys_snapshot_refreshes", "Background snapshot swaps by outcome", ["outcome"])
+safety_flagged = Gauge("recsys_safety_flagged_items", "Items under a safety flag, never served",
+                       multiprocess_mode="livemax")
+safety_reloads = Counter("recsys_safety_flag_reloads", "Re-reads of the safety flags file after a change, by outcome",
+                         ["outcome"])
 batch_sizes = Histogram("recsys_batch_size", "Requests answered together in one block of the shared path",
                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
 
@@ -235,6 +246,7 @@ class RecsysService:
         self.error: str | None = None
         self.bundle: Any = None
         self.log: Any = None
+        self._flags: Any = None
         self._batcher = MicroBatcher(int(os.environ.get("RECSYS_MAX_BATCH", "8")))
         self._loader = threading.Thread(target=self._load, daemon=True, name="recsys-load")
         self._loader.start()
@@ -248,6 +260,7 @@ class RecsysService:
             from pipeline_tasks.online.engine import LocalState
             from pipeline_tasks.online.feedback_log import FeedbackLog
             from pipeline_tasks.online.feedback_log import feedback_dir as served_feedback_dir
+            from pipeline_tasks.online.safety import FlagsFile, flags_path
             from pipeline_tasks.online.snapshot import load_snapshot
             from pipeline_tasks.online.two_stage import load_fit, prepare, with_extension_items
 
@@ -266,6 +279,9 @@ class RecsysService:
                     snapshot_dir = pointed
                     moment, info = load_snapshot(snapshot_dir)
             self._pointer_path = pointer
+            self._flags = FlagsFile(flags_path(bundle.name))
+            self._flags.poll()  # before ready: a flagged item is never served, not even by the first request
+            safety_flagged.set(len(self._flags.items))
             self._fit_name = info.get("fit", "serving")
             base_fit = load_fit(bundle.fit_dir(self._fit_name))
             # Index extensions hold serving-tower vectors: only the serving fit serves their items.
@@ -292,14 +308,16 @@ class RecsysService:
             self.log = FeedbackLog(feedback_dir)
             self.bundle = bundle
             model_info.labels(model=bundle.name).set(bundle.version)
-            log.info("ready: %s version %d, snapshot at %s (%d users, %d items), state %s, log %s, in %.1f s",
-                     bundle.name, bundle.version, moment.at.isoformat(), len(state.rows_of), len(fit.item_ids),
-                     kind, feedback_dir, time.perf_counter() - started)
+            log.info("ready: %s version %d, snapshot at %s (%d users, %d items), state %s, log %s, %d safety-flagged "
+                     "items (%s), in %.1f s", bundle.name, bundle.version, moment.at.isoformat(), len(state.rows_of),
+                     len(fit.item_ids), kind, feedback_dir, len(self._flags.items), self._flags.path,
+                     time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - reported by /readyz and every request
             self.error = f"{type(exc).__name__}: {exc}"
             log.exception("the service failed to load its bundle")
             return
         threading.Thread(target=self._watch, daemon=True, name="recsys-refresh").start()
+        threading.Thread(target=self._watch_flags, daemon=True, name="recsys-safety-flags").start()
 
     def _engine(self, state: Any) -> Any:
         from pipeline_tasks.core.settings import load_settings
@@ -310,7 +328,8 @@ class RecsysService:
                         epsilon=float(os.environ.get("RECSYS_EPSILON", "0")),
                         drill=os.environ.get("RECSYS_DRILL") or None,
                         compiled_ranker=_flag("RECSYS_COMPILED_RANKER", "1"),
-                        ranker_cache_dir=str(load_settings().home / "cache" / "lleaves"))
+                        ranker_cache_dir=str(load_settings().home / "cache" / "lleaves"),
+                        flagged=lambda: self._flags.items)  # the set in force at each request
         ranker_compiled.set(float(type(engine.state.fit.ranker).__name__ == "CompiledRanker"))  # refreshes too
         return engine
 
@@ -327,6 +346,22 @@ class RecsysService:
             except Exception:  # noqa: BLE001 - the old snapshot keeps serving; the log says why
                 refreshes.labels(outcome="failed").inc()
                 log.exception("snapshot refresh failed; still serving %s", self.snapshot_dir)
+
+    def _watch_flags(self) -> None:
+        """Re-read the safety flags file whenever it changes (every ``POLL_S``, whatever ``RECSYS_REFRESH_S``)."""
+        from pipeline_tasks.online.safety import POLL_S
+
+        while True:
+            time.sleep(POLL_S)
+            try:
+                if self._flags.poll():
+                    safety_flagged.set(len(self._flags.items))
+                    safety_reloads.labels(outcome="changed").inc()
+                    log.info("safety flags: %d items flagged (%s)", len(self._flags.items), self._flags.path)
+            except Exception:  # noqa: BLE001 - the flags in force stay; the log names the bad line
+                safety_reloads.labels(outcome="failed").inc()
+                log.exception("safety flags file changed but could not be read; the %d flags in force stay",
+                              len(self._flags.items))
 
     def refresh(self, snapshot_dir: Path) -> None:
         """Load ``snapshot_dir`` beside the snapshot in use, then swap it in (one reference assignment)."""
@@ -404,7 +439,8 @@ class RecsysService:
             fallbacks.labels(kind=f"state_{kind}").inc()
         if answer.cold:
             fallbacks.labels(kind="cold_start").inc()
-        cache_lookups.labels(result="hit" if answer.cache_hit else "miss").inc()
+        if answer.embedding != "none":
+            cache_lookups.labels(result=answer.embedding).inc()
         freshness_lag.set(time.time() - engine.at.timestamp())
         requests_total.labels(endpoint="recommend", outcome="ok").inc()
         return RecommendResponse(request_id=request_id, user_id=user_id, model_version=self.bundle.version,

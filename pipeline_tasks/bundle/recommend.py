@@ -6,6 +6,8 @@ data), newer than the model's training data included; features are Feast point-i
 ``as_of`` is past the newest snapshot by more than the views' TTL, the newest snapshot is used and a warning
 says so: never silent nulls); servability comes from that directory's items table. Seen items are excluded;
 users without history get the cold-start (trending) list; lists shorter than k are filled from popularity.
+Items under a safety flag (:mod:`pipeline_tasks.online.safety`, the file the model's services obey) are never
+recommended, as in the service.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pipeline_tasks.core.constants import ITEM_ID, TIMESTAMP, USER_ID
 from pipeline_tasks.core.settings import Settings, load_settings
 from pipeline_tasks.data.validate import to_utc
 from pipeline_tasks.online.bundle import Bundle
+from pipeline_tasks.online.safety import flags_path, read_flags
 from pipeline_tasks.online.two_stage import RULES_ORDER, Fit, Moment, load_fit, load_serving_fit, ranked_lists
 
 log = logging.getLogger(__name__)
@@ -90,19 +93,23 @@ def load_moment(bundle: Bundle, as_of: pd.Timestamp | str, user_ids: Sequence[st
 
 def recommend(bundle: Bundle, user_ids: Sequence[str], k: int, as_of: pd.Timestamp | str,
               data_dir: str | Path | None = None, fit: str = "serving", rules: bool = True,
-              settings: Settings | None = None) -> pd.DataFrame:
-    """``user_id, item_id, rank, score`` for each user (k rows each when the catalog allows)."""
+              settings: Settings | None = None, safety_flags: bool = True) -> pd.DataFrame:
+    """``user_id, item_id, rank, score`` for each user (k rows each when the catalog allows); with
+    ``safety_flags``, without the items flagged in the model's flags file (:func:`flags_path`)."""
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k={k}: use 1..{MAX_K}")
     started = time.perf_counter()
     ids = [str(u) for u in user_ids]
+    flagged = frozenset(read_flags(flags_path(bundle.name, settings))) if safety_flags else frozenset()
     loaded, moment = load_moment(bundle, as_of, ids, data_dir, fit, settings)
     order = RULES_ORDER if rules else "ranker"
-    lists = ranked_lists(loaded, moment, ids, k, orders=[order], workers=min(2, os.cpu_count() or 1))[order]
+    lists = ranked_lists(loaded, moment, ids, k, orders=[order], workers=min(2, os.cpu_count() or 1),
+                         blocked=flagged)[order]
     rows = [(u, item, rank, score) for u, recs in lists.items() for rank, (item, score) in enumerate(recs, start=1)]
     out = pd.DataFrame(rows, columns=[USER_ID, ITEM_ID, "rank", "score"])
-    log.info("recommended %d items to %d users with %s version %d (%s fit) in %.1f s", len(out), len(lists),
-             bundle.name, bundle.version, fit, time.perf_counter() - started)
+    log.info("recommended %d items to %d users with %s version %d (%s fit, %d safety-flagged items blocked) in "
+             "%.1f s", len(out), len(lists), bundle.name, bundle.version, fit, len(flagged),
+             time.perf_counter() - started)
     return out
 
 

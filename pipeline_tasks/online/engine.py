@@ -11,6 +11,9 @@ adds what only a live service has:
   moment does not move) and drops the user's cached embedding, so the next request reflects it;
 - **recently shown**: items returned to a user in the last ``shown_ttl_s`` seconds are not returned again
   (off per request or per service);
+- **safety flags**: items an operator flagged (:mod:`pipeline_tasks.online.safety`) join every request's blocked
+  set, so they are never served: not ranked, not as popularity fill, not in a cold user's trending list, not by
+  exploration;
 - **exploration** (off by default): with probability ``epsilon`` a position below the first is swapped with a
   random later candidate of the ranked list (epsilon-greedy), seeded per request id.
 
@@ -28,9 +31,9 @@ import random
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -50,6 +53,10 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_TTL_S = 3600.0
 SHOWN_TTL_S = 7 * 86_400.0
+
+# Where a request's user embedding came from: the per-snapshot precomputed user state (no cache lookup), the cache
+# (hit), or the user tower now (miss: then cached); "none" when the fit has no two-tower model.
+EmbeddingSource = Literal["precomputed", "hit", "miss", "none"]
 
 
 class StateStore(Protocol):
@@ -142,9 +149,15 @@ class Answer:
     items: list[Recommendation]
     stages_ms: dict[str, float] = field(default_factory=dict)
     cold: bool = False
-    cache_hit: bool = False  # the user's embedding came from the cache
+    embedding: EmbeddingSource = "none"  # where the user's embedding came from
     fallbacks: list[str] = field(default_factory=list)  # state stores that failed during the call
     batch: int = 1  # requests answered in the same block as this one
+
+    @property
+    def cache_hit(self) -> bool:
+        """The user's embedding came from the cache (what the service code of Bentos built before ``embedding``
+        reads: a Bento carries its service code, the engine comes from the installed package)."""
+        return self.embedding == "hit"
 
 
 @dataclass
@@ -170,7 +183,7 @@ class _Pending:
     location: Any
     has_context: bool  # a device or a location was given: the request's context replaces the latest event's
     demographics: dict[str, Any]
-    blocked: set[str]  # excluded and recently shown items
+    blocked: set[str]  # excluded, recently shown and safety-flagged items
     fresh: dict[str, list[dict[str, Any]]]
     shown_on: bool
     guarded: _Guarded
@@ -217,7 +230,10 @@ class Engine:
     def __init__(self, state: Prepared, store: StateStore | None = None, rules: bool = True,
                  filter_shown: bool = True, epsilon: float = 0.0, embedding_ttl_s: float = EMBEDDING_TTL_S,
                  shown_ttl_s: float = SHOWN_TTL_S, drill: str | None = None, precompute_users: bool = True,
-                 compiled_ranker: bool = False, ranker_cache_dir: str | None = None) -> None:
+                 compiled_ranker: bool = False, ranker_cache_dir: str | None = None,
+                 flagged: Callable[[], Set[str]] | None = None) -> None:
+        """``flagged`` gives the items never to serve (the safety flags), asked at each request, so a change
+        applies from the next one."""
         if not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"epsilon={epsilon}: use a probability in [0, 1]")
         if drill not in DRILLS:
@@ -230,6 +246,7 @@ class Engine:
         _ = state.orders, state.item_rows_of, state.two_tower_items  # computed once here, not by the first request
         self.state, self.store, self.rules = state, store, rules
         self.filter_shown, self.epsilon = filter_shown, epsilon
+        self.flagged = flagged
         self.embedding_ttl_s, self.shown_ttl_s = embedding_ttl_s, shown_ttl_s
         # The freshness rule's item ages by catalog index (rank_block reads them by the pool's catalog index).
         self.ages = item_age_days(state.moment.items, state.moment.at).reindex(state.item_array).to_numpy(float)
@@ -307,6 +324,8 @@ class Engine:
         fresh = guarded("events", [user], default={}) or {}
         shown_on = self.filter_shown if request.filter_shown is None else request.filter_shown
         blocked = set(map(str, request.exclude))
+        if self.flagged is not None:
+            blocked |= self.flagged()
         if shown_on:
             blocked |= guarded("shown", user, default=set()) or set()
         context = dict(request.context or {})
@@ -372,8 +391,15 @@ class Engine:
         for p in group:
             p.failures.extend(failures)
         return [Answer(self._describe(block, p.user, ranked[p.user]), {"state": 0.0, **stages},
-                       cold=p.user in block.cold, cache_hit=p.user in cache.found, batch=len(group))
+                       cold=p.user in block.cold, embedding=self._embedding_source(p, cache), batch=len(group))
                 for p in group]
+
+    def _embedding_source(self, pending: _Pending, cache: _CacheAdapter) -> EmbeddingSource:
+        if self.state.fit.model is None:
+            return "none"
+        if pending.precomputed and self.state.user_state is not None and self.state.user_state.vectors is not None:
+            return "precomputed"  # user_blocks reads it from the user state: no cache lookup
+        return "hit" if pending.user in cache.found else "miss"
 
     def _describe(self, block: Any, user: str, ranked: list[tuple[str, float]]) -> list[Recommendation]:
         weights = self.state.fit.config.weights

@@ -606,10 +606,14 @@ RULES_ORDER = "ranker+rules"
 
 
 def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int, orders: Sequence[str] = ("ranker",),
-                 prepared: Prepared | None = None, workers: int = 1,
+                 prepared: Prepared | None = None, workers: int = 1, blocked: Collection[str] = (),
                  ) -> dict[str, dict[str, list[tuple[str, float]]]]:
     """Each order's top ``k`` per user at ``moment``: ``ranker``, ``ranker+rules``, ``pool`` or a source name
     (that source's own list, before fusion), all from the same blocks.
+
+    ``blocked`` items (the safety flags) are never returned by the ranked orders, as a service blocks them
+    (:func:`rank_block`'s ``exclude`` for every user, the popularity fill widened by as many); a source's own
+    list is left as the source returned it.
 
     With ``workers`` > 1, that many blocks are built and ranked at once in threads over the shared state (the
     numeric work releases the GIL); the lists and their order are the same as with one.
@@ -618,10 +622,12 @@ def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int, orde
     ages = item_age_days(moment.items, moment.at)
     ids = [str(u) for u in user_ids]
     step = block_size(fit)
+    never = frozenset(map(str, blocked))
 
     def one_block(chunk: list[str]) -> dict[str, dict[str, list[tuple[str, float]]]]:
         part: dict[str, dict[str, list[tuple[str, float]]]] = {o: {} for o in orders}
-        for block in user_blocks(state, chunk, fill_k=k, block_users=step):
+        for block in user_blocks(state, chunk, fill_k=k + len(never), block_users=step):
+            exclude = {u: never for u in block.user_ids} if never else None
             for order in orders:
                 if order in SOURCES:
                     idx, scores = block.source_lists.get(order, (np.full((len(block.user_ids), 0), -1), None))
@@ -633,7 +639,7 @@ def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int, orde
                     continue
                 rules = order == RULES_ORDER
                 part[order].update(rank_block(fit, block, k, rules=rules, order="ranker" if rules else order,
-                                              age_days=ages))
+                                              age_days=ages, exclude=exclude))
         return part
 
     chunks = [ids[start:start + step] for start in range(0, len(ids), step)]

@@ -11,7 +11,7 @@ from pipeline_tasks.cli import app
 
 runner = CliRunner()
 COMMANDS = ["canary", "run", "refresh", "drift", "ui", "env", "generate", "validate", "split", "recommend", "serve",
-            "snapshot", "models"]
+            "snapshot", "models", "flag"]
 
 
 def _click_commands() -> dict:
