@@ -197,7 +197,8 @@ def recsys_training() -> None:
 
         return train_two_tower_stage(run_id, validated, split_out, train_set)
 
-    @task(doc_md="FAISS index of the catalog tuned to the recall target; published as a checksummed version.",
+    @task(doc_md=("FAISS index of the catalog tuned to the recall target, staged as a checksummed version: `register` "
+                  "puts it into the bundle; only the registry's aliases decide what is served."),
           execution_timeout=LONG)
     @fail_fast
     def build_index(trained: dict, features: dict, run_id: str | None = None) -> dict:

@@ -6,7 +6,9 @@ does not delay the next request) for --duration seconds from an asyncio client i
 the machine's cores with the service (``--client raw``, the default: a minimal keep-alive HTTP/1.1 client;
 ``--client httpx``: httpx's async client, the generator of the figures before 2026-12-02). Users are drawn
 from the snapshot's users (a --cold-share of unknown ones). Prints, per rate: achieved rate, p50 / p95 / p99
-client latency, errors, the client's own CPU per request; the highest rate held with p99 <= --slo-ms; the
+client latency counted from each request's scheduled send time (since 2026-12-02; before, from when the client got
+to send it, which hid the client's own delays near saturation), errors, the client's own CPU per request and the
+p99 of its send slip (how late it sent); the highest rate held with p99 <= --slo-ms; the
 service's mean time per stage and requests per block (micro-batches) from its /metrics; peak RSS of the
 service's processes; the core count.
 
@@ -131,9 +133,14 @@ async def _run_rate(url: str, rate: float, duration: float, users: list[str], k:
             return (await client.post("/recommend", json=payload)).status_code
         close = client.aclose
 
-    async def one(user: str) -> None:
+    slips: list[float] = []
+
+    async def one(user: str, scheduled: float) -> None:
+        # Latency counts from the scheduled send time, not from when the task got to run: a request the client
+        # sends late (its loop busy) is charged its wait (no coordinated omission).
         nonlocal errors
-        t = time.perf_counter()
+        t = scheduled
+        slips.append((time.perf_counter() - scheduled) * 1000)
         try:
             status = await post({"user_id": user, "num_items": k})
             kind = "" if status == 200 else f"HTTP {status}"
@@ -152,7 +159,7 @@ async def _run_rate(url: str, rate: float, duration: float, users: list[str], k:
         delay = start + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(users[i % len(users)])))
+        tasks.append(asyncio.create_task(one(users[i % len(users)], start + i / rate)))
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
     await close()
@@ -160,7 +167,8 @@ async def _run_rate(url: str, rate: float, duration: float, users: list[str], k:
     return {"rate": rate, "sent": n, "achieved_rps": round(len(latencies) / elapsed, 1), "errors": errors,
             "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
             "p99_ms": round(float(np.percentile(lat, 99)), 1), **({"error_kinds": kinds} if kinds else {}),
-            "client_cpu_ms_per_request": round(1000 * (time.process_time() - cpu0) / max(n, 1), 2)}
+            "client_cpu_ms_per_request": round(1000 * (time.process_time() - cpu0) / max(n, 1), 2),
+            "client_send_slip_ms_p99": round(float(np.percentile(slips, 99)), 1) if slips else None}
 
 
 def _stage_means(metrics: str) -> dict[str, float]:
