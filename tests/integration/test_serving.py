@@ -47,6 +47,9 @@ class Service:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
                                      start_new_session=True)
+        # While loading: (/readyz status, then /recommend's status and body) each time the server answered but
+        # was not ready yet.
+        self.loading: list[tuple[int, int, str]] = []
 
     def wait_ready(self, timeout: float = 240) -> float:
         started = time.monotonic()
@@ -54,8 +57,11 @@ class Service:
             if self.proc.poll() is not None:
                 raise AssertionError(f"service exited {self.proc.returncode}: {self.log_path.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{self.url}/readyz", timeout=2).status_code
+                if ready == 200:
                     return time.monotonic() - started
+                early = httpx.post(f"{self.url}/recommend", json={"user_id": "early-user"}, timeout=10)
+                self.loading.append((ready, early.status_code, early.text))
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
@@ -286,6 +292,12 @@ def test_metrics_and_health(served):
     client = served["client"]
     for path in ("/livez", "/healthz", "/readyz"):
         assert client.get(path).status_code == 200, path
+    # While the bundle loaded, the server answered but was not ready, and a request got a 503 saying why (or, when
+    # the load finished between the two calls, a normal answer).
+    loading = served["service"].loading
+    assert loading and all(ready == 503 for ready, _, _ in loading), loading
+    assert all(code == 503 and "still loading" in body or code == 200 for _, code, body in loading), loading
+    assert any(code == 503 for _, code, _ in loading), loading
 
     def embeddings() -> dict[str, float]:
         return {result: _metric(client, f'recsys_embedding_cache_total{{result="{result}"}}') or 0.0
