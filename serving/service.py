@@ -23,7 +23,7 @@ runs ``bentoml serve serving.service:RecsysService``) or ``bentoml serve <bento 
 - ``RECSYS_DRILL=random_ranking|reverse_ranking``: a canary drill -- serve the candidate pool in random order or
   worst first (a deliberately degraded model, for rehearsing a rollback); unset in normal service;
 - ``RECSYS_EPSILON`` (exploration, default 0 = off), ``RECSYS_FILTER_SHOWN`` (default 1), ``RECSYS_RULES``
-  (default 1).
+  (default 1), ``RECSYS_ACCESS_LOG`` (BentoML's access log, default 1).
 
 Endpoints: ``POST /recommend``, ``POST /feedback``, BentoML's ``/readyz`` (ready once bundle, index, snapshot and
 features are loaded), ``/livez``, ``/healthz`` and ``/metrics`` (with the ``recsys_*`` metrics below).
@@ -237,7 +237,9 @@ def _bundle_dir() -> Path:
     raise RuntimeError("no bundle: set RECSYS_BUNDLE_DIR or start the service with `recsys serve`")
 
 
-@bentoml.service(workers=1, traffic={"timeout": 30})
+# BentoML's access log writes a line per request; /metrics counts requests and the feedback log records every
+# impression, so a deployment may turn it off (RECSYS_ACCESS_LOG=0) for a little less CPU per request.
+@bentoml.service(workers=1, traffic={"timeout": 30}, logging={"access": {"enabled": _flag("RECSYS_ACCESS_LOG", "1")}})
 class RecsysService:
     """Two-stage recommendations from one bundle version (see the module docstring)."""
 
