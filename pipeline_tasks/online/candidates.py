@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +263,12 @@ class ItemTable:
                 allowed.setdefault(name, unrestricted.copy())[i] = True
         return cls(ids, available & not_future, category.to_numpy(dtype=object), allowed, unrestricted,
                    created.reset_index(drop=True))
+
+    def without(self, item_ids: Collection[str]) -> ItemTable:
+        """This catalog with ``item_ids`` not servable, like unavailable items (the safety flags)."""
+        if not item_ids:
+            return self
+        return replace(self, servable=self.servable & ~pd.Index(self.item_ids).isin(list(item_ids)))
 
     def allowed_for(self, regions: Sequence[str | None]) -> np.ndarray:
         """(len(regions), items) bool: servable and allowed in each user's region (unknown region: unrestricted

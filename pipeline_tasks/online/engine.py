@@ -11,9 +11,9 @@ adds what only a live service has:
   moment does not move) and drops the user's cached embedding, so the next request reflects it;
 - **recently shown**: items returned to a user in the last ``shown_ttl_s`` seconds are not returned again
   (off per request or per service);
-- **safety flags**: items an operator flagged (:mod:`pipeline_tasks.online.safety`) join every request's blocked
-  set, so they are never served: not ranked, not as popularity fill, not in a cold user's trending list, not by
-  exploration;
+- **safety flags**: items an operator flagged (:mod:`pipeline_tasks.online.safety`) are not servable in the
+  engine's catalog (:func:`with_blocked_items`, redone when the flags change), so they are never served: not
+  ranked, not as popularity fill, not in a cold user's trending list, not by exploration;
 - **exploration** (off by default): with probability ``epsilon`` a position below the first is swapped with a
   random later candidate of the ranked list (epsilon-greedy), seeded per request id.
 
@@ -46,6 +46,7 @@ from pipeline_tasks.online.two_stage import (
     item_age_days,
     rank_block,
     user_blocks,
+    with_blocked_items,
     with_user_state,
 )
 
@@ -183,7 +184,7 @@ class _Pending:
     location: Any
     has_context: bool  # a device or a location was given: the request's context replaces the latest event's
     demographics: dict[str, Any]
-    blocked: set[str]  # excluded, recently shown and safety-flagged items
+    blocked: set[str]  # excluded and recently shown items
     fresh: dict[str, list[dict[str, Any]]]
     shown_on: bool
     guarded: _Guarded
@@ -245,6 +246,7 @@ class Engine:
             state = _with_compiled_ranker(state, ranker_cache_dir)
         _ = state.orders, state.item_rows_of, state.two_tower_items  # computed once here, not by the first request
         self.state, self.store, self.rules = state, store, rules
+        self._base, self._flags_seen, self._flags_in_force = state, None, frozenset()
         self.filter_shown, self.epsilon = filter_shown, epsilon
         self.flagged = flagged
         self.embedding_ttl_s, self.shown_ttl_s = embedding_ttl_s, shown_ttl_s
@@ -278,6 +280,17 @@ class Engine:
         """The user's top ``k`` (see the module docstring)."""
         return self.recommend_many([Request(user_id, k, context, tuple(exclude), filter_shown, request_id)])[0]
 
+    def _apply_flags(self) -> None:
+        """The catalog without the flagged items, rebuilt only when the flags changed."""
+        flags = self.flagged() if self.flagged is not None else None
+        if isinstance(flags, frozenset) and flags is self._flags_seen:
+            return  # the same immutable set (a service's FlagsFile replaces it on a change): nothing to compare
+        self._flags_seen = flags
+        now = frozenset(flags or ())
+        if now != self._flags_in_force:
+            self._flags_in_force = now
+            self.state = with_blocked_items(self._base, now)
+
     def recommend_many(self, requests: Sequence[Request]) -> list[Answer]:
         """Answers to several requests, in their order: the same answers as :meth:`recommend` one at a time.
 
@@ -290,6 +303,7 @@ class Engine:
         previous ones were answered (``serving/service.py``); alone it is one request.
         """
         answers: list[Answer | None] = [None] * len(requests)
+        self._apply_flags()  # the flags in force for this batch
         # A user's second request in the batch comes in the next round, after the first one's answer is recorded as
         # shown (one at a time, it would not get those items again).
         seen: dict[str, int] = {}
@@ -324,8 +338,6 @@ class Engine:
         fresh = guarded("events", [user], default={}) or {}
         shown_on = self.filter_shown if request.filter_shown is None else request.filter_shown
         blocked = set(map(str, request.exclude))
-        if self.flagged is not None:
-            blocked |= self.flagged()
         if shown_on:
             blocked |= guarded("shown", user, default=set()) or set()
         context = dict(request.context or {})

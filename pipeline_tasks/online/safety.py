@@ -8,11 +8,9 @@ current state is the fold of the file in line order: an item is flagged when its
 
 ``recsys flag`` appends (one ``write`` on an ``O_APPEND`` descriptor under an exclusive ``flock``, then
 ``fsync``: concurrent writers never interleave and a reader never sees half a line); the service re-reads the
-file when its size, mtime or inode change (:class:`FlagsFile`, polled about every second) and blocks the
-flagged items in every request; ``recsys recommend`` applies the same flags by default.
-
-The flags are for a handful to a few hundred items: each one widens a request's popularity fill by one item.
-Withdraw whole catalog segments with the items table's ``available`` column instead.
+file when its size, mtime or inode change (:class:`FlagsFile`, polled about every second) and makes the
+flagged items unservable, as unavailable ones (:func:`pipeline_tasks.online.two_stage.with_blocked_items`, once per
+change, nothing per request); ``recsys recommend`` applies the same flags by default.
 """
 
 from __future__ import annotations

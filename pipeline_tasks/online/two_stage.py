@@ -11,6 +11,7 @@ A fit directory holds ``two_tower/`` (:mod:`pipeline_tasks.online.two_tower`), `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -605,29 +606,37 @@ def item_age_days(items: pd.DataFrame, at: pd.Timestamp) -> pd.Series:
 RULES_ORDER = "ranker+rules"
 
 
+def with_blocked_items(state: Prepared, item_ids: Collection[str]) -> Prepared:
+    """``state`` with ``item_ids`` not servable in its catalog (the safety flags: every source, the popularity fill
+    and the trending lists skip them, as they skip unavailable items); everything else, computed parts included,
+    is shared with ``state``."""
+    if not item_ids:
+        return state
+    out = copy.copy(state)  # a shallow copy keeps the cached properties
+    out.catalog = state.catalog.without(item_ids)
+    return out
+
+
 def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int, orders: Sequence[str] = ("ranker",),
                  prepared: Prepared | None = None, workers: int = 1, blocked: Collection[str] = (),
                  ) -> dict[str, dict[str, list[tuple[str, float]]]]:
     """Each order's top ``k`` per user at ``moment``: ``ranker``, ``ranker+rules``, ``pool`` or a source name
     (that source's own list, before fusion), all from the same blocks.
 
-    ``blocked`` items (the safety flags) are never returned by the ranked orders, as a service blocks them
-    (:func:`rank_block`'s ``exclude`` for every user, the popularity fill widened by as many); a source's own
-    list is left as the source returned it.
+    ``blocked`` items (the safety flags) are not servable (:func:`with_blocked_items`, as in a service), so no
+    order returns them.
 
     With ``workers`` > 1, that many blocks are built and ranked at once in threads over the shared state (the
     numeric work releases the GIL); the lists and their order are the same as with one.
     """
-    state = prepared if prepared is not None else prepare(fit, moment)
+    state = with_blocked_items(prepared if prepared is not None else prepare(fit, moment), blocked)
     ages = item_age_days(moment.items, moment.at)
     ids = [str(u) for u in user_ids]
     step = block_size(fit)
-    never = frozenset(map(str, blocked))
 
     def one_block(chunk: list[str]) -> dict[str, dict[str, list[tuple[str, float]]]]:
         part: dict[str, dict[str, list[tuple[str, float]]]] = {o: {} for o in orders}
-        for block in user_blocks(state, chunk, fill_k=k + len(never), block_users=step):
-            exclude = {u: never for u in block.user_ids} if never else None
+        for block in user_blocks(state, chunk, fill_k=k, block_users=step):
             for order in orders:
                 if order in SOURCES:
                     idx, scores = block.source_lists.get(order, (np.full((len(block.user_ids), 0), -1), None))
@@ -639,7 +648,7 @@ def ranked_lists(fit: Fit, moment: Moment, user_ids: Sequence[str], k: int, orde
                     continue
                 rules = order == RULES_ORDER
                 part[order].update(rank_block(fit, block, k, rules=rules, order="ranker" if rules else order,
-                                              age_days=ages, exclude=exclude))
+                                              age_days=ages))
         return part
 
     chunks = [ids[start:start + step] for start in range(0, len(ids), step)]
